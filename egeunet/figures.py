@@ -1,0 +1,257 @@
+"""Figures for the notebooks and the study report.
+
+Every function builds a :class:`matplotlib.figure.Figure` directly (no pyplot state, so
+nothing leaks between figures and no display backend is needed) and returns it;
+:func:`save_figure` writes it as PNG and SVG. Notebooks display the returned figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from egeunet.fileio import atomic_open
+
+FIGURE_FORMATS = ("png", "svg")
+LESION_COLOUR = (1.0, 0.2, 0.2)
+TRUTH_COLOUR = (0.1, 0.9, 0.2)
+
+
+def save_figure(figure: Figure, stem: str | Path, dpi: int = 150) -> list[Path]:
+    """Write ``figure`` to ``<stem>.png`` and ``<stem>.svg`` atomically; return the paths."""
+    stem = Path(stem)
+    paths = []
+    for fmt in FIGURE_FORMATS:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        with atomic_open(path, "wb") as handle:
+            figure.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def overlay_mask(
+    image: np.ndarray, mask: np.ndarray, colour: Sequence[float] = LESION_COLOUR, alpha: float = 0.4
+) -> np.ndarray:
+    """Blend a binary ``mask`` (H, W) onto an RGB ``image`` (H, W, 3) uint8; returns float RGB
+    in [0, 1] with the lesion tinted and its boundary drawn fully opaque."""
+    rgb = image.astype(np.float32) / 255.0
+    inside = mask.astype(bool)
+    tint = np.asarray(colour, dtype=np.float32)
+    rgb[inside] = (1 - alpha) * rgb[inside] + alpha * tint
+    rgb[_boundary(inside)] = tint
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with at least one 4-neighbour outside it."""
+    padded = np.pad(mask, 1, mode="edge")
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~interior
+
+
+def overlay_grid(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    titles: Sequence[str],
+    predictions: Sequence[np.ndarray] | None = None,
+    columns: int = 4,
+) -> Figure:
+    """A grid of images (H, W, 3) uint8 with their masks (H, W) overlaid in green and,
+    when given, predicted masks (H, W) in red."""
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure = Figure(figsize=(2.6 * columns, 2.6 * rows))
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for index, axis in enumerate(axes):
+        axis.set_axis_off()
+        if index >= count:
+            continue
+        picture = overlay_mask(images[index], masks[index], TRUTH_COLOUR)
+        if predictions is not None:
+            picture = overlay_mask(
+                (picture * 255).astype(np.uint8), predictions[index], LESION_COLOUR
+            )
+        axis.imshow(picture)
+        axis.set_title(titles[index], fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def distribution_panels(table: pd.DataFrame, columns: dict[str, str], bins: int = 20) -> Figure:
+    """Histograms of several columns of ``table`` side by side; ``columns`` maps a column
+    name to its axis label."""
+    figure = Figure(figsize=(4 * len(columns), 3.2))
+    axes = np.atleast_1d(figure.subplots(1, len(columns), squeeze=False)).ravel()
+    for axis, (column, label) in zip(axes, columns.items(), strict=True):
+        sns.histplot(data=table, x=column, bins=bins, ax=axis)
+        axis.set_xlabel(label)
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves(
+    history: pd.DataFrame, order: Sequence[str] | None = None, title: str = ""
+) -> Figure:
+    """Training and validation loss and validation DSC per epoch, one line per variant
+    (mean over seeds, band = standard deviation). ``history`` has columns variant, seed,
+    epoch, train_loss, val_loss and val_dsc (missing columns are skipped)."""
+    panels = [c for c in ("train_loss", "val_loss", "val_dsc") if c in history.columns]
+    figure = Figure(figsize=(4.2 * max(1, len(panels)), 3.4))
+    axes = np.atleast_1d(figure.subplots(1, max(1, len(panels)), squeeze=False)).ravel()
+    for axis, column in zip(axes, panels, strict=False):
+        sns.lineplot(
+            data=history,
+            x="epoch",
+            y=column,
+            hue="variant",
+            hue_order=order,
+            errorbar="sd",
+            ax=axis,
+            marker="o" if history["epoch"].nunique() <= 20 else None,
+        )
+        axis.set_title(column.replace("_", " "))
+        axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def ablation_bars(runs: pd.DataFrame, metric: str, label: str, order: Sequence[str]) -> Figure:
+    """Bars of ``metric`` (in percent) per variant: mean over seeds with a standard-deviation
+    error bar, each seed's value as a dot."""
+    values = runs.assign(value=100 * runs[metric])
+    summary = values.groupby("variant")["value"].agg(["mean", "std"]).reindex(order)
+    figure = Figure(figsize=(1.3 * len(order) + 2.5, 3.6))
+    axis = figure.subplots()
+    positions = np.arange(len(order))
+    axis.bar(positions, summary["mean"], yerr=summary["std"].fillna(0), capsize=4, alpha=0.7)
+    for position, variant in zip(positions, order, strict=True):
+        seeds = values.loc[values["variant"] == variant, "value"]
+        axis.scatter(np.full(len(seeds), position), seeds, color="black", s=10, zorder=3)
+    axis.set_xticks(positions, order, rotation=30, ha="right")
+    axis.set_ylabel(f"{label} (%)")
+    low = np.nanmin(values["value"]) if len(values) else 0.0
+    axis.set_ylim(max(0.0, low - 5), min(100.0, np.nanmax(values["value"]) + 3))
+    figure.tight_layout()
+    return figure
+
+
+def _label_points(
+    axis, table: pd.DataFrame, label: str, x: str, y: str, offset: tuple[int, int]
+) -> None:
+    """Write each row's ``label`` beside its (x, y) point, ``offset`` in display points."""
+    for _, row in table.iterrows():
+        axis.annotate(
+            row[label], (row[x], row[y]), fontsize=7, xytext=offset, textcoords="offset points"
+        )
+
+
+def dsc_against_parameters(ours: pd.DataFrame, references: pd.DataFrame, title: str = "") -> Figure:
+    """DSC (percent) against parameter count on a log axis. ``ours`` has columns variant,
+    params, dsc_mean, dsc_std (percent); ``references`` has model, params, dsc and source
+    (the paper's and peers' reported points)."""
+    figure = Figure(figsize=(6.2, 4.2))
+    axis = figure.subplots()
+    axis.errorbar(
+        ours["params"],
+        ours["dsc_mean"],
+        yerr=ours["dsc_std"].fillna(0),
+        fmt="o",
+        color="tab:blue",
+        capsize=3,
+        label="this study (mean ± sd over seeds)",
+    )
+    _label_points(axis, ours, "variant", "params", "dsc_mean", (4, 4))
+    for source, group in references.groupby("source", sort=False):
+        axis.scatter(group["params"], group["dsc"], marker="s", label=f"reported: {source}")
+        _label_points(axis, group, "model", "params", "dsc", (4, -9))
+    axis.set_xscale("log")
+    axis.set_xlabel("parameters (log scale)")
+    axis.set_ylabel("DSC (%)")
+    axis.legend(fontsize=7)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def per_image_distribution(
+    per_image: pd.DataFrame, order: Sequence[str], title: str = ""
+) -> Figure:
+    """Box plot of per-image DSC per variant (all seeds pooled), points overlaid."""
+    figure = Figure(figsize=(1.3 * len(order) + 2.5, 3.8))
+    axis = figure.subplots()
+    sns.boxplot(data=per_image, x="variant", y="dsc", order=order, ax=axis, fliersize=0)
+    sns.stripplot(
+        data=per_image, x="variant", y="dsc", order=order, ax=axis, size=2, color="black", alpha=0.4
+    )
+    axis.set_ylabel("per-image DSC")
+    axis.tick_params(axis="x", labelrotation=30)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def case_grid(
+    images: np.ndarray, masks: np.ndarray, predictions: np.ndarray, titles: Sequence[str]
+) -> Figure:
+    """One row per case: the image, the ground truth overlaid (green) and the prediction
+    overlaid (red). images (N, H, W, 3) uint8, masks and predictions (N, H, W) in {0, 1}."""
+    rows = len(images)
+    figure = Figure(figsize=(7.5, 2.6 * rows))
+    axes = figure.subplots(rows, 3, squeeze=False)
+    for row in range(rows):
+        panels = (
+            images[row] / 255.0,
+            overlay_mask(images[row], masks[row], TRUTH_COLOUR),
+            overlay_mask(images[row], predictions[row], LESION_COLOUR),
+        )
+        for column, (axis, picture) in enumerate(zip(axes[row], panels, strict=True)):
+            axis.imshow(picture)
+            axis.set_axis_off()
+            if column == 0:
+                axis.set_title(titles[row], fontsize=8, loc="left")
+    axes[0][1].set_title("ground truth", fontsize=8)
+    axes[0][2].set_title("prediction", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def parameters_against_flops(table: pd.DataFrame, reported: pd.DataFrame | None = None) -> Figure:
+    """Parameters against FLOPs (both log scale) per variant; ``table`` has columns variant,
+    params_total, macs_g and fvcore_flops_g; ``reported`` (optional) has model, params and
+    gflops as the paper reports them."""
+    figure = Figure(figsize=(6.2, 4.2))
+    axis = figure.subplots()
+    axis.scatter(table["macs_g"], table["params_total"], label="conv MACs (paper convention)")
+    axis.scatter(
+        table["fvcore_flops_g"],
+        table["params_total"],
+        marker="x",
+        label="fvcore FLOPs (all ops counted)",
+    )
+    _label_points(axis, table, "variant", "macs_g", "params_total", (4, 3))
+    if reported is not None and len(reported):
+        axis.scatter(
+            reported["gflops"],
+            reported["params"],
+            marker="s",
+            color="tab:red",
+            label="reported by the paper",
+        )
+        _label_points(axis, reported, "model", "gflops", "params", (4, -9))
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("G(MACs or FLOPs) per image")
+    axis.set_ylabel("parameters")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,140 @@
+"""A fixture set of run folders, laid out as egeunet.engine writes them, with known values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from egeunet.cases import save_cases
+from egeunet.model import EGEUNetConfig
+
+LADDER = {
+    "unet": EGEUNetConfig(ghpa=False, gab=False, deep_supervision=False),
+    "unet+ghpa": EGEUNetConfig(gab=False, deep_supervision=False),
+    "unet+ghpa+gab": EGEUNetConfig(deep_supervision=False),
+    "egeunet": EGEUNetConfig(),
+}
+SEEDS = (1, 2, 3)
+FULL_DSC = {1: 0.88, 2: 0.89, 3: 0.90}
+# Pooled DSC of each variant minus the full model's, per seed.
+OFFSETS = {
+    "unet": {1: -0.02, 2: -0.03, 3: -0.01},
+    "unet+ghpa": {1: -0.01, 2: -0.01, 3: -0.01},
+    "unet+ghpa+gab": {1: 0.0, 2: -0.005, 3: 0.005},
+    "egeunet": {1: 0.0, 2: 0.0, 3: 0.0},
+}
+PARAMS = {"unet": 40000, "unet+ghpa": 45000, "unet+ghpa+gab": 50000, "egeunet": 53374}
+EPOCHS = 3
+MANIFEST_HASH = "f" * 64
+
+
+def write_run(runs_dir: Path, variant: str, seed: int, dataset: str = "isic2017") -> Path:
+    run_dir = runs_dir / f"{dataset}-paper-{variant}-seed{seed}"
+    run_dir.mkdir(parents=True)
+    model = LADDER[variant].to_dict()
+    config = {
+        "dataset": dataset,
+        "protocol": "paper",
+        "seed": seed,
+        "epochs": EPOCHS,
+        "image_size": 64,
+        "model": model,
+    }
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "config": config,
+                "package_version": "0.1.0",
+                "git_commit": "abc",
+                "data_manifest_hash": MANIFEST_HASH,
+            }
+        )
+    )
+    dsc = FULL_DSC[seed] + OFFSETS[variant][seed]
+    iou = dsc / (2 - dsc)
+    metrics = {
+        "protocol": "paper",
+        "selection": "test-set model selection",
+        "best_epoch": EPOCHS,
+        "pooled": {
+            "iou": iou,
+            "dsc": dsc,
+            "accuracy": 0.95,
+            "specificity": 0.97,
+            "sensitivity": 0.9,
+        },
+        "per_image": {
+            "dsc_mean": dsc - 0.02,
+            "dsc_median": dsc,
+            "iou_mean": iou - 0.02,
+            "iou_median": iou,
+            "isic_score": iou - 0.05,
+            "hd95_mean": 7.0,
+            "hd95_median": 5.0,
+        },
+        "split": "test",
+        "num_images": 4,
+        "train_seconds": 12.5,
+        "model": model,
+        "num_parameters": PARAMS[variant],
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    pd.DataFrame(
+        {
+            "epoch": range(1, EPOCHS + 1),
+            "train_loss": [1.0, 0.7, 0.5],
+            "val_loss": [1.1, 0.8, 0.6],
+            "lr": [1e-3] * EPOCHS,
+            "val_dsc": [0.5, 0.7, dsc],
+            "seconds": [4.0] * EPOCHS,
+            "images_per_second": [10.0] * EPOCHS,
+        }
+    ).to_csv(run_dir / "history.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": [f"img{i}" for i in range(4)],
+            "dsc": [dsc - 0.1, dsc, dsc + 0.05, dsc - 0.3],
+            "iou": [0.5, 0.6, 0.7, 0.3],
+            "hd95": [3.0, 4.0, 5.0, 9.0],
+        }
+    ).to_csv(run_dir / "per_image.csv", index=False)
+    if variant == "egeunet" and seed == 1:
+        rng = np.random.default_rng(0)
+        masks = np.zeros((3, 32, 32), np.uint8)
+        masks[:, 8:24, 8:24] = 1
+        save_cases(
+            run_dir,
+            ["img2", "img1", "img3"],
+            rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8),
+            masks,
+            masks.astype(np.float32) * 0.9,
+            [0.95, 0.88, 0.58],
+        )
+    return run_dir
+
+
+def write_study(study_dir: Path) -> Path:
+    """Twelve finished runs (4 variants x 3 seeds), one failed run and a complexity table."""
+    runs_dir = study_dir / "runs"
+    for variant in LADDER:
+        for seed in SEEDS:
+            write_run(runs_dir, variant, seed)
+    failed = runs_dir / "isic2017-paper-egeunet-seed4"
+    failed.mkdir()
+    (failed / "outcome.json").write_text(
+        json.dumps(
+            {"run_id": failed.name, "status": "failed", "error": "RuntimeError: out of memory"}
+        )
+    )
+    (study_dir / "complexity").mkdir()
+    pd.DataFrame(
+        {
+            "variant": list(LADDER),
+            "params_total": list(PARAMS.values()),
+            "macs_g": [0.08, 0.07, 0.072, 0.0721],
+        }
+    ).to_csv(study_dir / "complexity" / "complexity.csv", index=False)
+    return study_dir
