@@ -1,0 +1,258 @@
+"""Executors: the local one, and the dask one on a real LocalCluster of worker processes.
+
+The cluster tests hand the executors a stand-in run function (tests/dask_helpers.py) that
+checkpoints after every "epoch" and resumes like a real run, so worker death and resume are
+tested in seconds; test_real_study_* (further down) drives execute_run itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+from dask_helpers import (
+    DIED_MARKER,
+    attempts_of,
+    expected_value,
+    fake_training_run,
+)
+
+from egeunet.executors import (
+    DaskExecutor,
+    LocalExecutor,
+    Placement,
+    WorkerResources,
+    make_executor,
+    place_spec,
+    plan_placements,
+)
+from egeunet.study import RunSpec
+
+SEEDS = (1, 2, 3, 4)
+
+
+def make_specs(root: Path, epochs: int = 3, extra: dict[int, dict] | None = None) -> list[RunSpec]:
+    """Four stand-in runs, one per seed; ``extra`` maps run index -> added parameters."""
+    extra = extra or {}
+    return [
+        RunSpec(
+            run_id=f"synthetic-seed{seed}",
+            notebook="unused.ipynb",
+            run_dir=str(root / f"seed{seed}"),
+            parameters={
+                "seed": seed,
+                "epochs": epochs,
+                "seconds_per_epoch": 0.1,
+                **extra.get(index, {}),
+            },
+            threads=None,
+            device="auto",
+        )
+        for index, seed in enumerate(SEEDS)
+    ]
+
+
+class EventLog:
+    """Records on_event calls as (event, run_id, status)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str | None]] = []
+
+    def __call__(self, event, spec, outcome) -> None:
+        self.calls.append((event, spec.run_id, outcome.status if outcome else None))
+
+    def of(self, run_id: str) -> list[tuple[str, str | None]]:
+        return [(event, status) for event, rid, status in self.calls if rid == run_id]
+
+
+def worker_pids(executor: DaskExecutor) -> set[int]:
+    return set(executor.client.run(os.getpid).values())
+
+
+@pytest.fixture(scope="module")
+def dask_executor():
+    """A LocalCluster of 2 worker processes that retries a run once after its worker died."""
+    with make_executor("dask", workers=2, retries=1, run_fn=fake_training_run) as executor:
+        yield executor
+
+
+# --- argument checks --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"kind": "slurm"}, "kind"),
+        ({"kind": "dask", "retries": -1}, "retries"),
+        ({"kind": "dask", "workers": 0}, "workers"),
+        ({"kind": "local", "workers": 2}, "dask executor only"),
+        ({"kind": "dask", "workers": 2, "scheduler": "tcp://127.0.0.1:1"}, "not both"),
+    ],
+)
+def test_make_executor_rejects_bad_arguments(arguments, named):
+    with pytest.raises(ValueError, match=named):
+        make_executor(**arguments)
+
+
+def test_make_executor_kinds():
+    assert isinstance(make_executor(), LocalExecutor)
+    assert isinstance(make_executor("dask", workers=1), DaskExecutor)  # nothing starts yet
+
+
+# --- placement planning (known answers) ---------------------------------------------------
+
+
+def resources(address, name, host="node1", cpus=8, nthreads=1, gpus=0, visible=""):
+    return WorkerResources(address, name, host, tuple(range(cpus)), nthreads, gpus, visible)
+
+
+def test_plan_shares_cores_among_workers_of_a_host_and_pins_one_gpu_each():
+    plan = plan_placements(
+        [
+            resources("a", "10", gpus=4),
+            resources("b", "2", gpus=4),
+            resources("c", "3", gpus=4, nthreads=2),  # two task slots on one worker
+            resources("d", "0", host="node2", cpus=6, gpus=0),
+        ]
+    )
+    # node1: 8 cores over 4 slots -> 2 threads; GPUs by name order 2, 3, 10.
+    assert plan == {
+        "b": Placement(2, "cuda:0"),
+        "c": Placement(2, "cuda:1"),
+        "a": Placement(2, "cuda:2"),
+        "d": Placement(6, None),
+    }
+
+
+def test_plan_keeps_separate_cpusets_and_gpu_sets_apart():
+    # Two batch jobs on one node: each has its own cores and its own visible GPU.
+    first = WorkerResources("a", "job-1", "node1", (0, 1, 2, 3), 1, 1, "0")
+    second = WorkerResources("b", "job-2", "node1", (4, 5, 6, 7), 1, 1, "1")
+    assert plan_placements([first, second]) == {
+        "a": Placement(4, "cuda:0"),
+        "b": Placement(4, "cuda:0"),
+    }
+
+
+def test_plan_gives_at_least_one_thread_and_wraps_gpus():
+    plan = plan_placements([resources(str(i), str(i), cpus=2, gpus=2) for i in range(3)])
+    assert [plan[str(i)] for i in range(3)] == [
+        Placement(1, "cuda:0"),
+        Placement(1, "cuda:1"),
+        Placement(1, "cuda:0"),
+    ]
+
+
+def test_place_spec_keeps_cpu_requests_and_smaller_thread_limits(tmp_path):
+    spec = make_specs(tmp_path)[0]
+    on_gpu = Placement(threads=4, device="cuda:1")
+    assert (place_spec(spec, on_gpu).threads, place_spec(spec, on_gpu).device) == (4, "cuda:1")
+    cpu_only = place_spec(dataclasses.replace(spec, device="cpu", threads=2), on_gpu)
+    assert (cpu_only.threads, cpu_only.device) == (2, "cpu")
+    no_gpu = place_spec(dataclasses.replace(spec, threads=16), Placement(4, None))
+    assert (no_gpu.threads, no_gpu.device) == (4, "auto")
+
+
+# --- the local executor -----------------------------------------------------------------
+
+
+def test_local_executor_runs_in_order_and_isolates_failures(tmp_path):
+    specs = make_specs(tmp_path, epochs=2, extra={1: {"raise": True}})
+    log = EventLog()
+    with make_executor("local", run_fn=fake_training_run) as executor:
+        outcomes = executor.run(specs, log)
+    assert [o.run_id for o in outcomes] == [s.run_id for s in specs]
+    assert [o.status for o in outcomes] == ["finished", "failed", "finished", "finished"]
+    assert outcomes[0].metrics["value"] == expected_value(1, 2)
+    assert outcomes[0].metrics["pid"] == os.getpid()  # in this process
+    assert [event for event, _, _ in log.calls] == ["start", "end"] * 4
+    assert log.of(specs[1].run_id) == [("start", None), ("end", "failed")]
+
+
+def test_local_executor_turns_a_raising_run_function_into_a_failed_outcome(tmp_path):
+    def broken(spec):
+        raise RuntimeError("kernel vanished")
+
+    outcome = LocalExecutor(run_fn=broken).run(make_specs(tmp_path)[:1])[0]
+    assert (outcome.status, outcome.error) == ("failed", "RuntimeError: kernel vanished")
+
+
+# --- the dask executor on a real LocalCluster ---------------------------------------------
+
+
+def test_dask_gives_the_local_results_and_places_runs_on_the_workers(dask_executor, tmp_path):
+    local = make_executor("local", run_fn=fake_training_run).run(make_specs(tmp_path / "local"))
+    log = EventLog()
+    specs = make_specs(tmp_path / "dask")
+    outcomes = dask_executor.run(specs, log)
+
+    assert [o.status for o in outcomes] == ["finished"] * 4
+    assert [o.metrics["value"] for o in outcomes] == [o.metrics["value"] for o in local]
+    assert [o.metrics["value"] for o in outcomes] == [expected_value(s, 3) for s in SEEDS]
+    pids = {o.metrics["pid"] for o in outcomes}
+    assert pids <= worker_pids(dask_executor) and len(pids) == 2  # both workers ran runs
+    cores = len(os.sched_getaffinity(0))
+    assert {o.metrics["threads"] for o in outcomes} == {max(1, cores // 2)}
+    for spec in specs:
+        assert log.of(spec.run_id) == [("start", None), ("end", "finished")]
+
+
+def test_dask_skips_finished_runs_on_a_second_pass(dask_executor, tmp_path):
+    specs = make_specs(tmp_path)
+    first = dask_executor.run(specs)
+    again = dask_executor.run(specs)
+    assert [o.status for o in again] == ["skipped"] * 4
+    assert [o.metrics for o in again] == [o.metrics for o in first]
+
+
+def test_dask_retries_a_run_whose_worker_was_killed_and_it_resumes(dask_executor, tmp_path):
+    specs = make_specs(tmp_path, epochs=4, extra={2: {"die_at_epoch": 2}})
+    log = EventLog()
+    before = worker_pids(dask_executor)
+    outcomes = dask_executor.run(specs, log)
+
+    assert [o.status for o in outcomes] == ["finished"] * 4
+    killed = outcomes[2]
+    assert Path(specs[2].run_dir, DIED_MARKER).exists()
+    assert len(attempts_of(specs[2].run_dir)) == 2
+    assert killed.metrics["resumed_from_epoch"] == 2  # continued, not started over
+    assert killed.metrics["value"] == expected_value(SEEDS[2], 4)
+    assert log.of(specs[2].run_id) == [("start", None), ("start", None), ("end", "finished")]
+    dask_executor.client.wait_for_workers(2, timeout=60)
+    assert len(worker_pids(dask_executor) - before) == 1  # the nanny started a new worker
+
+
+def test_dask_reports_a_killed_run_failed_when_retries_are_used_up(tmp_path):
+    specs = make_specs(tmp_path, extra={0: {"die_at_epoch": 1}})
+    with make_executor("dask", workers=2, retries=0, run_fn=fake_training_run) as executor:
+        pids = worker_pids(executor)
+        outcomes = executor.run(specs)
+    assert [o.status for o in outcomes] == ["failed", "finished", "finished", "finished"]
+    assert "KilledWorker" in outcomes[0].error and "after 1 attempt" in outcomes[0].error
+    assert outcomes[0].metrics is None
+
+    # The executor closed its cluster: no worker process is left.
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+    # The killed run's folder is resumable: running it again continues from epoch 1.
+    resumed = LocalExecutor(run_fn=fake_training_run).run(specs[:1])[0]
+    assert (resumed.status, resumed.metrics["resumed_from_epoch"]) == ("finished", 1)
+    assert resumed.metrics["value"] == expected_value(SEEDS[0], 3)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); it is gone once its state says so.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
