@@ -1,0 +1,362 @@
+"""Decode, resize and cache a dataset as memory-mappable uint8 arrays with a manifest.
+
+A prepared folder holds:
+
+- ``images.npy``: (N, S, S, 3) uint8, ``masks.npy``: (N, S, S) uint8 in {0, 1};
+- ``manifest.json``: one item per sample (id, official split, source files and their
+  SHA-256, original height/width, lesion area fraction, whether the mask was strictly
+  binary), the count of non-binary masks, an input fingerprint and a content hash;
+- ``splits/<name>.json``: id lists of the ``challenge`` and ``paper`` splits.
+
+The folder is built under a temporary name beside ``out`` and renamed into place at the
+end, so an interrupted run leaves no half cache. A rerun whose inputs have the same names,
+sizes and modification times (or CRCs inside zips) returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from egeunet.data import splits as split_rules
+from egeunet.data import synthetic
+from egeunet.data.sources import SPLIT_ORDER, SamplePair, discover_pairs
+from egeunet.fileio import sha256_json, write_json_atomic
+
+PREPARE_FORMAT = 1
+DATASETS = ("isic2017", "isic2018", "synthetic", "folder")
+MASK_THRESHOLD = 127  # after resizing, mask pixels > 127 are lesion
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PreparedSample:
+    """One decoded sample at the target size plus what the manifest records about it."""
+
+    image: np.ndarray  # (S, S, 3) uint8
+    mask: np.ndarray  # (S, S) uint8 in {0, 1}
+    record: dict
+
+
+def check_dataset_name(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+
+
+def check_size(size: int) -> None:
+    if not isinstance(size, int) or size < 32 or size % 32:
+        raise ValueError(
+            f"size must be a positive multiple of 32 (EGE-UNet halves it 5 times), got {size!r}"
+        )
+
+
+def prepare_dataset(
+    dataset: str,
+    source: str | os.PathLike | None,
+    out: str | os.PathLike,
+    size: int = 256,
+    *,
+    num_synthetic: int | None = None,
+    seed: int = 0,
+    num_workers: int | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Prepare ``dataset`` from ``source`` into the folder ``out`` and return that folder.
+
+    ``source`` is the folder with the ISIC archives (zipped or extracted) or the authors'
+    ``{train,val}/{images,masks}`` folders; it is ignored for ``synthetic``, whose size is
+    set by ``num_synthetic`` (total images, default 260) and ``seed``. Idempotent, atomic.
+    """
+    check_dataset_name(dataset)
+    check_size(size)
+    out = Path(out).expanduser()
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    show = sys.stderr.isatty() if progress is None else progress
+    if dataset == "synthetic":
+        counts = synthetic.split_counts(num_synthetic)
+        return _prepare_synthetic(out, size, counts, seed, workers, show)
+    if source is None:
+        raise ValueError(f"dataset {dataset!r} needs a source folder (--source / data_root)")
+    with discover_pairs(dataset, source) as discovered:
+        fingerprint = sha256_json([PREPARE_FORMAT, size, discovered.fingerprint()])
+        if _is_current(out, fingerprint):
+            return out
+        header = {
+            "dataset": dataset,
+            "source": str(discovered.root.resolve()),
+            "layout": discovered.layout,
+        }
+        pairs = discovered.pairs
+        return _build(
+            out,
+            header,
+            size,
+            fingerprint,
+            [(pair.id, pair.split) for pair in pairs],
+            lambda i: _load_pair(pairs[i], size, discovered.root),
+            workers,
+            show,
+        )
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a prepared folder (FileNotFoundError if it is not one)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a prepared dataset folder (no {MANIFEST})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"manifest {path} is not valid JSON: {error}") from None
+
+
+def _is_current(out: Path, fingerprint: str) -> bool:
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        return False
+    arrays_present = (out / "images.npy").is_file() and (out / "masks.npy").is_file()
+    return manifest.get("fingerprint") == fingerprint and arrays_present
+
+
+def _prepare_synthetic(
+    out: Path, size: int, counts: dict[str, int], seed: int, workers: int, show: bool
+) -> Path:
+    params = {"generator_version": synthetic.GENERATOR_VERSION, "seed": seed, "counts": counts}
+    fingerprint = sha256_json([PREPARE_FORMAT, size, params])
+    if _is_current(out, fingerprint):
+        return out
+    plan = [(synthetic.sample_id(split, i), split) for split, n in counts.items() for i in range(n)]
+
+    def load(i: int) -> PreparedSample:
+        sample_id, split = plan[i]
+        index = int(sample_id.rsplit("_", 1)[1])
+        image, mask = synthetic.generate_sample(seed, split, index, size)
+        record = {"height": size, "width": size, "lesion_fraction": float(mask.mean())}
+        return PreparedSample(image, mask, {**record, "mask_binary": True})
+
+    header = {"dataset": "synthetic", "source": None, "layout": "synthetic", "synthetic": params}
+    return _build(out, header, size, fingerprint, plan, load, workers, show)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding one pair
+
+
+def _load_pair(pair: SamplePair, size: int, root: Path) -> PreparedSample:
+    image_bytes, mask_bytes = pair.image.read_bytes(), pair.mask.read_bytes()
+    image, (width, height) = _decode(image_bytes, pair.image.display, "RGB", size)
+    mask, mask_size = _decode(mask_bytes, pair.mask.display, "L", None)
+    if mask_size != (width, height):
+        raise ValueError(
+            f"mask {pair.mask.display} is {mask_size[0]}x{mask_size[1]} but its image "
+            f"{pair.image.display} is {width}x{height}"
+        )
+    mask_pixels = np.asarray(mask)
+    binary = bool(np.isin(mask_pixels, (0, 255)).all())
+    if not binary and mask_pixels.max() <= 1:  # a 0/1 mask: scale it to 0/255 first
+        mask = Image.fromarray(mask_pixels * np.uint8(255))
+        mask_pixels = np.asarray(mask)
+    resized_mask = np.asarray(mask.resize((size, size), Image.BILINEAR)) > MASK_THRESHOLD
+    record = {
+        "image": _relative(pair.image.display, root),
+        "image_sha256": hashlib.sha256(image_bytes).hexdigest(),
+        "mask": _relative(pair.mask.display, root),
+        "mask_sha256": hashlib.sha256(mask_bytes).hexdigest(),
+        "height": height,
+        "width": width,
+        "lesion_fraction": round(float((mask_pixels > MASK_THRESHOLD).mean()), 6),
+        "mask_binary": binary,
+    }
+    resized_image = np.asarray(image.resize((size, size), Image.BILINEAR))
+    return PreparedSample(resized_image, resized_mask.astype(np.uint8), record)
+
+
+def _decode(
+    data: bytes, name: str, mode: str, size: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode fully (truncation is an error) and convert to ``mode``; returns the original
+    (width, height). With ``size``, a JPEG may be decoded at a reduced scale that keeps at
+    least twice the target resolution, which the bilinear resize then antialiases."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        original = image.size
+        if size is not None:
+            image.draft("RGB", (2 * size, 2 * size))
+        image.load()
+        return image.convert(mode), original
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {name}: {error}") from None
+
+
+def _relative(display: str, root: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(Path(display).relative_to(root))
+    return display
+
+
+# ---------------------------------------------------------------------------------------
+# Building the folder
+
+
+def _build(
+    out: Path,
+    header: dict,
+    size: int,
+    fingerprint: str,
+    plan: list[tuple[str, str]],
+    load: Callable[[int], PreparedSample],
+    workers: int,
+    show: bool,
+) -> Path:
+    """Fill a temporary folder with arrays, manifest and splits, then move it to ``out``."""
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        images = np.lib.format.open_memmap(
+            staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size, 3)
+        )
+        masks = np.lib.format.open_memmap(
+            staging / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size)
+        )
+        records = _fill(images, masks, load, len(plan), workers, show, header["dataset"])
+        images.flush()
+        masks.flush()
+        del images, masks
+        items = [{"id": i, "split": s, **r} for (i, s), r in zip(plan, records, strict=True)]
+        manifest = _manifest(header, size, fingerprint, items, time.perf_counter() - started)
+        for name, split in split_rules.default_splits(header["dataset"], items).items():
+            write_json_atomic(staging / "splits" / f"{name}.json", split)
+        write_json_atomic(staging / MANIFEST, manifest)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete temporary folders left by killed prepare runs (their process is gone)."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        pid = staging.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fill(
+    images: np.ndarray,
+    masks: np.ndarray,
+    load: Callable[[int], PreparedSample],
+    count: int,
+    workers: int,
+    show: bool,
+    label: str,
+) -> list[dict]:
+    """Decode every sample on a thread pool (PIL and numpy release the GIL) into the arrays."""
+
+    def work(i: int) -> dict:
+        sample = load(i)
+        images[i] = sample.image
+        masks[i] = sample.mask
+        return sample.record
+
+    executor = ThreadPoolExecutor(max_workers=workers)
+    try:
+        results: Iterable[dict] = executor.map(work, range(count))
+        bar = tqdm(results, total=count, desc=f"prepare {label}", unit="img", disable=not show)
+        return list(bar)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _manifest(header: dict, size: int, fingerprint: str, items: list[dict], seconds: float) -> dict:
+    non_binary = [item["id"] for item in items if not item["mask_binary"]]
+    counts = {split: 0 for split in SPLIT_ORDER}
+    for item in items:
+        counts[item["split"]] += 1
+    manifest = {
+        "format": PREPARE_FORMAT,
+        **header,
+        "size": size,
+        "num_images": len(items),
+        "split_counts": {split: n for split, n in counts.items() if n},
+        "non_binary_masks": len(non_binary),
+        "non_binary_mask_ids": non_binary,
+        "mask_threshold": MASK_THRESHOLD,
+        "resize": "bilinear (images and masks), masks then binarised at > 127",
+        "fingerprint": fingerprint,
+        "egeunet_version": _package_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "prepare_seconds": round(seconds, 3),
+        "items": items,
+    }
+    manifest["content_hash"] = content_hash(manifest)
+    return manifest
+
+
+def content_hash(manifest: dict) -> str:
+    """Hash of what the arrays are made of (dataset, size, ids, splits, source hashes or
+    generator parameters), independent of paths, times and machines."""
+    keep = ("id", "split", "image_sha256", "mask_sha256")
+    return sha256_json(
+        {
+            "format": manifest["format"],
+            "dataset": manifest["dataset"],
+            "size": manifest["size"],
+            "synthetic": manifest.get("synthetic"),
+            "items": [{key: item.get(key) for key in keep} for item in manifest["items"]],
+        }
+    )
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("egeunet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an older ``out`` is moved aside first, then deleted."""
+    retired = None
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise ValueError(
+                f"refusing to replace {out}: it is not empty and not a prepared folder"
+            )
+        retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, retired)
+    os.replace(staging, out)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
