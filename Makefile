@@ -1,0 +1,53 @@
+# One entry point for a new user: `make study` and `make test` set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision builds this machine provides (x86_64; aarch64 gets 2.9.1/0.24.1).
+# Override elsewhere, e.g. `make TORCH_SPEC="torch torchvision" test`.
+ifeq ($(shell uname -m),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+STAMP := $(VENV)/.egeunet-installed
+STUDY ?= studies/quick.yaml
+
+.PHONY: setup test test-slow bench study lint format complexity clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name egeunet --display-name "Python (egeunet)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -m bench -s
+
+study: $(STAMP)
+	$(BIN)/egeunet complexity --output reports/complexity.md
+
+complexity: $(STAMP)
+	$(BIN)/egeunet complexity --micro
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

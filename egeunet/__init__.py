@@ -1,0 +1,1 @@
+"""EGE-UNet reproducibility kit."""

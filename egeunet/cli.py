@@ -1,0 +1,39 @@
+"""The ``egeunet`` command line. Each subcommand lives beside the code it drives: a
+module listed in COMMAND_MODULES exposes ``register(subparsers)``, which adds its parser
+and sets ``func`` (called with the parsed arguments, returning an exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "egeunet.complexity",
+    "egeunet.data.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egeunet",
+        description="EGE-UNet reproducibility kit: data, training, evaluation, reports.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        # Bad input: a clear one-line message, no traceback.
+        print(f"egeunet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""EGE-UNet: an Efficient Group Enhanced U-Net (Ruan et al., MICCAI 2023), in one file.
+
+The network is built from a frozen :class:`EGEUNetConfig`. Three switches turn the
+paper's contributions on and off for ablations:
+
+* ``ghpa``: Group multi-axis Hadamard Product Attention. Off: encoder stages 4-6 and
+  decoder blocks 1-3 become plain 3x3 convolutions like encoder stages 1-3.
+* ``gab``: Group Aggregation Bridge on every skip. Off: each skip adds the saved encoder
+  feature to the decoder output directly.
+* ``deep_supervision``: side outputs at the five decoder levels. Off: there are no side
+  outputs, and the GAB fuses its two features without the mask channel.
+
+All three off gives the plain U-Net baseline of the same widths.
+
+Forward contract (see :meth:`EGEUNet.forward`): input ``(B, C_in, H, W)`` with ``H`` and
+``W`` multiples of 32; output a tuple of logits (no sigmoid), the final map
+``(B, K, H, W)`` first, then, with deep supervision, five side maps ``(B, K, H, W)``
+ordered deepest level (H/32) first.
+
+:func:`convert_official_state_dict` maps the authors' published checkpoint layout
+(github.com/JCruan519/EGE-UNet, commit f52ba30) onto these modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GHPA_BRANCHES = ("hw", "ch", "cw", "dw")
+"""GHPA's four channel-group branches: spatial H-W, channel-H, channel-W, depthwise."""
+
+NUM_LEVELS = 5
+"""Down-sampling steps of the encoder; inputs must be multiples of 2**NUM_LEVELS."""
+
+SIZE_MULTIPLE = 2**NUM_LEVELS
+
+
+@dataclass(frozen=True)
+class EGEUNetConfig:
+    """Everything that defines an EGE-UNet variant.
+
+    Attributes:
+        widths: channels of the six encoder stages (the decoder mirrors them). Each must
+            be a positive multiple of 4 (GHPA and GAB split channels into 4 groups, and
+            GroupNorm uses 4 groups).
+        in_channels: channels of the input image.
+        num_classes: channels of the final map (and of each side map).
+        ghpa: GHPA blocks in encoder stages 4-6 and decoder blocks 1-3.
+        gab: Group Aggregation Bridges on the skips.
+        deep_supervision: side outputs at the five decoder levels (fed to the GABs).
+        ghpa_branches: which GHPA branches are active; an inactive branch passes its
+            channel group through unchanged.
+        gab_dilations: dilation of the depthwise conv of each of GAB's four groups.
+    """
+
+    widths: tuple[int, ...] = (8, 16, 24, 32, 48, 64)
+    in_channels: int = 3
+    num_classes: int = 1
+    ghpa: bool = True
+    gab: bool = True
+    deep_supervision: bool = True
+    ghpa_branches: tuple[str, ...] = GHPA_BRANCHES
+    gab_dilations: tuple[int, ...] = (1, 2, 5, 7)
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON or YAML) but store tuples so the config stays hashable.
+        for name in ("widths", "ghpa_branches", "gab_dilations"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.widths) != NUM_LEVELS + 1:
+            raise ValueError(
+                f"widths: expected {NUM_LEVELS + 1} channel widths, got {len(self.widths)}"
+            )
+        for width in self.widths:
+            if not isinstance(width, int) or width <= 0 or width % 4:
+                raise ValueError(
+                    f"widths: every width must be a positive multiple of 4, got {width!r}"
+                )
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels: must be at least 1, got {self.in_channels}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes: must be at least 1, got {self.num_classes}")
+        unknown = [b for b in self.ghpa_branches if b not in GHPA_BRANCHES]
+        if unknown:
+            raise ValueError(
+                f"ghpa_branches: unknown branch {unknown[0]!r}; choose from {GHPA_BRANCHES}"
+            )
+        if len(set(self.ghpa_branches)) != len(self.ghpa_branches):
+            raise ValueError(f"ghpa_branches: repeated branch in {self.ghpa_branches}")
+        if len(self.gab_dilations) != 4 or any(
+            not isinstance(d, int) or d < 1 for d in self.gab_dilations
+        ):
+            raise ValueError(
+                f"gab_dilations: expected 4 positive integers, got {self.gab_dilations}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def name(self) -> str:
+        """Short variant name, e.g. ``egeunet`` or ``unet+ghpa``."""
+        if self.ghpa and self.gab and self.deep_supervision:
+            base = "egeunet"
+        else:
+            parts = [
+                s
+                for s, on in (("ghpa", self.ghpa), ("gab", self.gab), ("ds", self.deep_supervision))
+                if on
+            ]
+            base = "+".join(["unet", *parts])
+        if self.ghpa and self.ghpa_branches != GHPA_BRANCHES:
+            base += "[" + ",".join(self.ghpa_branches) + "]"
+        if self.gab and self.gab_dilations != (1, 2, 5, 7):
+            base += "[d=" + ",".join(map(str, self.gab_dilations)) + "]"
+        return base
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a ``(B, C, H, W)`` tensor, at every pixel.
+
+    Mean and biased variance over ``C``, then a per-channel affine map.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+class SpatialAttention(nn.Module):
+    """GHPA's H-W branch: a learnable (C, 8, 8) map resized to (H, W), refined, multiplied in."""
+
+    def __init__(self, channels: int, grid: int = 8) -> None:
+        super().__init__()
+        self.param = nn.Parameter(torch.ones(1, channels, grid, grid))
+        self.refine = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return x * self.refine(_resize(self.param, x.shape[2:]))
+
+
+class AxisAttention(nn.Module):
+    """GHPA's channel-H (``axis=2``) or channel-W (``axis=3``) branch.
+
+    A learnable (C, 8) map is resized to (C, L) with L the size of that axis, refined by
+    Conv1d layers with the C rows as channels, and multiplied in, broadcast over the batch
+    and the other spatial axis.
+    """
+
+    def __init__(self, channels: int, axis: int, grid: int = 8) -> None:
+        super().__init__()
+        if axis not in (2, 3):
+            raise ValueError(f"axis: must be 2 (H) or 3 (W), got {axis}")
+        self.axis = axis
+        self.param = nn.Parameter(torch.ones(1, 1, channels, grid))
+        self.refine = nn.Sequential(
+            nn.Conv1d(channels, channels, 3, padding=1, groups=channels),
+            nn.GELU(),
+            nn.Conv1d(channels, channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        channels, length = x.shape[1], x.shape[self.axis]
+        weights = self.refine(_resize(self.param, (channels, length))[0])  # (1, C, L)
+        if self.axis == 2:
+            return x * weights[..., :, None]  # (1, C, H, 1)
+        return x * weights[..., None, :]  # (1, C, 1, W)
+
+
+class DepthwiseBranch(nn.Module):
+    """GHPA's fourth branch: 1x1 conv -> GELU -> depthwise 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 1),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class GHPA(nn.Module):
+    """Group multi-axis Hadamard Product Attention block, ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+
+    LayerNorm, split channels into four groups, one attention branch per group (inactive
+    branches pass their group through), concatenate, LayerNorm, depthwise 3x3 -> GELU ->
+    1x1 conv to ``C_out``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, branches: tuple[str, ...] = GHPA_BRANCHES
+    ) -> None:
+        super().__init__()
+        group = in_channels // 4
+        self.norm_in = ChannelLayerNorm(in_channels)
+        makers = {
+            "hw": lambda: SpatialAttention(group),
+            "ch": lambda: AxisAttention(group, axis=2),
+            "cw": lambda: AxisAttention(group, axis=3),
+            "dw": lambda: DepthwiseBranch(group),
+        }
+        self.branches = nn.ModuleList(
+            makers[name]() if name in branches else nn.Identity() for name in GHPA_BRANCHES
+        )
+        self.norm_out = ChannelLayerNorm(in_channels)
+        self.project = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
+            nn.GELU(),
+            nn.Conv2d(in_channels, out_channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = torch.chunk(self.norm_in(x), 4, dim=1)  # 4 x (B, C_in/4, H, W)
+        x = torch.cat([branch(g) for branch, g in zip(self.branches, groups, strict=True)], dim=1)
+        return self.project(self.norm_out(x))
+
+
+class GAB(nn.Module):
+    """Group Aggregation Bridge: fuses a deeper feature, the skip feature and a side mask.
+
+    ``forward(x_high (B, C_high, h, w), x_low (B, C, H, W), mask (B, M, H, W) or None)``
+    returns ``(B, C, H, W)``. ``x_high`` is projected to ``C`` channels and resized to
+    ``(H, W)``; both are split into four groups; group ``g`` is
+    ``[x_high_g, x_low_g, mask]`` -> LayerNorm -> depthwise 3x3 conv with dilation
+    ``dilations[g]``; the four results are concatenated -> LayerNorm -> 1x1 conv to ``C``.
+    """
+
+    def __init__(
+        self,
+        high_channels: int,
+        channels: int,
+        mask_channels: int,
+        dilations: tuple[int, ...] = (1, 2, 5, 7),
+    ) -> None:
+        super().__init__()
+        self.mask_channels = mask_channels
+        self.project_high = nn.Conv2d(high_channels, channels, 1)
+        group = channels // 2 + mask_channels
+        self.groups = nn.ModuleList(
+            nn.Sequential(
+                ChannelLayerNorm(group),
+                nn.Conv2d(group, group, 3, padding=d, dilation=d, groups=group),
+            )
+            for d in dilations
+        )
+        self.fuse = nn.Sequential(ChannelLayerNorm(4 * group), nn.Conv2d(4 * group, channels, 1))
+
+    def forward(self, x_high: Tensor, x_low: Tensor, mask: Tensor | None) -> Tensor:
+        if (mask is None) != (self.mask_channels == 0):
+            raise ValueError(
+                f"GAB built for {self.mask_channels} mask channels got mask={mask is not None}"
+            )
+        x_high = _resize(self.project_high(x_high), x_low.shape[2:])
+        extra = [] if mask is None else [mask]
+        parts = [
+            block(torch.cat([h, low, *extra], dim=1))
+            for block, h, low in zip(
+                self.groups,
+                torch.chunk(x_high, 4, dim=1),
+                torch.chunk(x_low, 4, dim=1),
+                strict=True,
+            )
+        ]
+        return self.fuse(torch.cat(parts, dim=1))
+
+
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+class EGEUNet(nn.Module):
+    """EGE-UNet and its ablation variants (see the module docstring for the switches)."""
+
+    def __init__(self, config: EGEUNetConfig | None = None, **overrides) -> None:
+        super().__init__()
+        if config is None:
+            config = EGEUNetConfig(**overrides)
+        elif overrides:
+            config = EGEUNetConfig(**{**config.to_dict(), **overrides})
+        self.config = config
+        c = config.widths
+        k = config.num_classes
+
+        def block(i: int, o: int, deep: bool) -> nn.Module:
+            return GHPA(i, o, config.ghpa_branches) if (deep and config.ghpa) else _conv3x3(i, o)
+
+        # Encoder: stages 1-3 plain convs, 4-6 GHPA. Stages 1-5 are followed by
+        # GroupNorm -> max-pool -> GELU; stage 6 by GELU only (stays at H/32).
+        self.encoder = nn.ModuleList(
+            block(i, o, deep=n >= 3)
+            for n, (i, o) in enumerate(zip((config.in_channels, *c[:-1]), c, strict=True))
+        )
+        self.encoder_norms = nn.ModuleList(nn.GroupNorm(4, ch) for ch in c[:-1])
+        # Decoder, deepest first: blocks 1-3 GHPA (c5->c4, c4->c3, c3->c2), 4-5 plain convs.
+        # Each is followed by GroupNorm -> (blocks 2-5) bilinear x2 -> GELU.
+        rev = c[::-1]
+        self.decoder = nn.ModuleList(
+            block(i, o, deep=n < 3) for n, (i, o) in enumerate(itertools.pairwise(rev))
+        )
+        self.decoder_norms = nn.ModuleList(nn.GroupNorm(4, ch) for ch in rev[1:])
+        # Side heads and bridges, deepest level (H/32) first.
+        self.side_heads = (
+            nn.ModuleList(nn.Conv2d(ch, k, 1) for ch in rev[1:])
+            if config.deep_supervision
+            else None
+        )
+        mask_channels = k if config.deep_supervision else 0
+        self.bridges = (
+            nn.ModuleList(
+                GAB(high, low, mask_channels, config.gab_dilations)
+                for high, low in itertools.pairwise(rev)
+            )
+            if config.gab
+            else None
+        )
+        self.head = nn.Conv2d(c[0], k, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The published initialisation: conv weights ~ N(0, sqrt(2 / fan_out)), biases 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv1d):
+                fan_out = m.kernel_size[0] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Segment a batch.
+
+        Args:
+            x: ``(B, in_channels, H, W)`` with ``H`` and ``W`` multiples of 32. The
+                published recipe feeds per-image min-max scaled values in 0..255.
+
+        Returns:
+            Logits (apply a sigmoid for probabilities): ``(final,)`` without deep
+            supervision, else ``(final, side_1, ..., side_5)``. Every map is
+            ``(B, num_classes, H, W)``; side maps are ordered deepest level first (H/32,
+            H/16, H/8, H/4, H/2), each resized bilinearly to ``(H, W)``.
+        """
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"input: expected shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[2:]
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise ValueError(
+                f"input: height and width must be multiples of {SIZE_MULTIPLE}, got {height}x{width}"
+            )
+
+        skips = []  # encoder features at H/2 .. H/32, after their GELU
+        for stage, norm in zip(self.encoder[:-1], self.encoder_norms, strict=True):
+            x = F.gelu(F.max_pool2d(norm(stage(x)), 2))
+            skips.append(x)
+        x_high = F.gelu(self.encoder[-1](x))  # (B, c6, H/32, W/32)
+
+        x = x_high
+        sides = []
+        for level, (block, norm) in enumerate(zip(self.decoder, self.decoder_norms, strict=True)):
+            x = norm(block(x))
+            if level > 0:
+                x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+            x = F.gelu(x)  # (B, c[5-level-1], H / 2**(5-level), ...)
+            skip = skips[-1 - level]
+            mask = self.side_heads[level](x) if self.side_heads is not None else None
+            if self.bridges is not None:
+                skip = self.bridges[level](x_high, skip, mask)
+                x_high = skip
+            x = x + skip
+            if mask is not None:
+                sides.append(_resize(mask, (height, width)))
+
+        final = F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=True)
+        return (final, *sides)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- The authors' checkpoint layout ----------------------------------------------------
+
+_OFFICIAL_GHPA = {
+    "norm1": "norm_in",
+    "norm2": "norm_out",
+    "ldw": "project",
+    "params_xy": "branches.0.param",
+    "conv_xy": "branches.0.refine",
+    "params_zx": "branches.1.param",
+    "conv_zx": "branches.1.refine",
+    "params_zy": "branches.2.param",
+    "conv_zy": "branches.2.refine",
+    "dw": "branches.3.body",
+}
+_OFFICIAL_GAB = {
+    "pre_project": "project_high",
+    "g0": "groups.0",
+    "g1": "groups.1",
+    "g2": "groups.2",
+    "g3": "groups.3",
+    "tail_conv": "fuse",
+}
+
+
+def _official_key(key: str, config: EGEUNetConfig) -> str:
+    head, _, rest = key.partition(".")
+    stage = head.rstrip("0123456789")
+    index = int(head[len(stage) :]) if head != stage else None
+    if stage in ("encoder", "decoder") and index is not None:
+        inner = rest.partition(".")[2]  # drop the nn.Sequential index "0."
+        is_ghpa = config.ghpa and (
+            (stage == "encoder" and index >= 4) or (stage == "decoder" and index <= 3)
+        )
+        if not is_ghpa:
+            return f"{stage}.{index - 1}.{inner}"
+        name, _, tail = inner.partition(".")
+        return f"{stage}.{index - 1}.{_OFFICIAL_GHPA[name]}" + (f".{tail}" if tail else "")
+    if stage in ("ebn", "dbn") and index is not None:
+        return f"{stage[0]}{'ncoder' if stage == 'ebn' else 'ecoder'}_norms.{index - 1}.{rest}"
+    if stage == "GAB" and index is not None:
+        name, _, tail = rest.partition(".")
+        # Official GAB5 bridges the deepest level; ours are ordered deepest first.
+        return f"bridges.{NUM_LEVELS - index}.{_OFFICIAL_GAB[name]}.{tail}"
+    if stage == "gt_conv" and index is not None:
+        return f"side_heads.{index - 1}.{rest.partition('.')[2]}"
+    if head == "final":
+        return f"head.{rest}"
+    raise KeyError(key)
+
+
+def convert_official_state_dict(
+    state_dict: Mapping[str, Tensor], config: EGEUNetConfig | None = None
+) -> dict[str, Tensor]:
+    """Rename the authors' published state_dict (``encoder1.0.weight``, ``GAB5.g0.1.weight``,
+    ``gt_conv1.0.bias``, ...) to this module's names. Raises ``KeyError`` naming any key
+    it does not recognise."""
+    config = config or EGEUNetConfig()
+    converted = {}
+    for key, value in state_dict.items():
+        try:
+            converted[_official_key(key, config)] = value
+        except KeyError:
+            raise KeyError(f"not a key of the published EGE-UNet layout: {key!r}") from None
+    return converted
+
+
+def is_official_state_dict(state_dict: Mapping[str, object]) -> bool:
+    return any(k.startswith(("encoder1.", "ebn1.", "GAB1.")) for k in state_dict)
+
+
+@dataclass
+class ParameterBreakdown:
+    """Parameters by kind, as the reference note breaks them down."""
+
+    convolution: int = 0
+    group_norm: int = 0
+    layer_norm: int = 0
+    attention_tensors: int = 0
+    other: int = 0
+    by_module: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return (
+            self.convolution
+            + self.group_norm
+            + self.layer_norm
+            + self.attention_tensors
+            + self.other
+        )
+
+
+def parameter_breakdown(model: nn.Module) -> ParameterBreakdown:
+    """Count parameters by module kind: convolutions (weights and biases), GroupNorm,
+    channel LayerNorm and the learnable GHPA attention tensors."""
+    result = ParameterBreakdown()
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            result.convolution += own
+        elif isinstance(module, nn.GroupNorm):
+            result.group_norm += own
+        elif isinstance(module, ChannelLayerNorm):
+            result.layer_norm += own
+        elif isinstance(module, (SpatialAttention, AxisAttention)):
+            result.attention_tensors += own
+        else:
+            result.other += own
+    return result

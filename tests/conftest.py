@@ -1,0 +1,29 @@
+"""Shared test fixtures: where the real data and reference files live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+REFERENCE_CHECKPOINT = SHARED / "reference" / "egeunet_official_reference.pt"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real ISIC data beside the project, or a clean skip on a user's machine."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real ISIC data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> dict:
+    import torch
+
+    if not REFERENCE_CHECKPOINT.is_file():
+        pytest.skip(f"reference checkpoint not found at {REFERENCE_CHECKPOINT}")
+    return torch.load(REFERENCE_CHECKPOINT, weights_only=True)
