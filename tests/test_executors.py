@@ -8,6 +8,7 @@ tested in seconds; test_real_study_* (further down) drives execute_run itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from dask_helpers import (
     fake_training_run,
 )
 
+from egeunet import executors
 from egeunet.executors import (
     DaskExecutor,
     LocalExecutor,
@@ -225,25 +227,50 @@ def test_dask_retries_a_run_whose_worker_was_killed_and_it_resumes(dask_executor
     assert len(worker_pids(dask_executor) - before) == 1  # the nanny started a new worker
 
 
-def test_dask_reports_a_killed_run_failed_when_retries_are_used_up(tmp_path):
+def test_dask_on_an_existing_scheduler_reports_a_killed_run_failed_after_retries(tmp_path):
+    from distributed import LocalCluster
+
     specs = make_specs(tmp_path, extra={0: {"die_at_epoch": 1}})
-    with make_executor("dask", workers=2, retries=0, run_fn=fake_training_run) as executor:
-        pids = worker_pids(executor)
-        outcomes = executor.run(specs)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster:
+        scheduler = cluster.scheduler
+        assert scheduler.allowed_failures == 3  # dask's default
+        with make_executor(
+            "dask", scheduler=cluster.scheduler_address, retries=0, run_fn=fake_training_run
+        ) as executor:
+            assert scheduler.allowed_failures == 0
+            outcomes = executor.run(specs)
+        assert scheduler.allowed_failures == 3  # restored when the executor closed
+        assert cluster.status.name == "running"  # someone else's cluster is left running
+
     assert [o.status for o in outcomes] == ["failed", "finished", "finished", "finished"]
     assert "KilledWorker" in outcomes[0].error and "after 1 attempt" in outcomes[0].error
-    assert outcomes[0].metrics is None
-
-    # The executor closed its cluster: no worker process is left.
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids)
+    assert outcomes[0].metrics is None and len(attempts_of(specs[0].run_dir)) == 1
 
     # The killed run's folder is resumable: running it again continues from epoch 1.
     resumed = LocalExecutor(run_fn=fake_training_run).run(specs[:1])[0]
     assert (resumed.status, resumed.metrics["resumed_from_epoch"]) == ("finished", 1)
     assert resumed.metrics["value"] == expected_value(SEEDS[0], 3)
+
+
+def test_dask_executor_closes_the_cluster_it_started(tmp_path):
+    with make_executor("dask", workers=1, run_fn=fake_training_run) as executor:
+        pids = worker_pids(executor)
+        (outcome,) = executor.run(make_specs(tmp_path, epochs=1)[:1])
+    # One worker has every core this process may use.
+    assert outcome.metrics["threads"] == len(os.sched_getaffinity(0))
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_dask_executor_names_an_unreachable_scheduler(monkeypatch):
+    monkeypatch.setattr(executors, "CONNECT_TIMEOUT", "1s")
+    executor = make_executor("dask", scheduler="tcp://127.0.0.1:9")
+    with pytest.raises(ValueError, match=r"--scheduler 'tcp://127.0.0.1:9'"):
+        executor.run([])
 
 
 def _alive(pid: int) -> bool:
