@@ -1,0 +1,97 @@
+"""Known-answer tests of the published loss (BCE + per-sample soft Dice, deep supervision)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from egeunet.losses import BceDice, DeepSupervisionLoss
+from egeunet.model import EGEUNet, EGEUNetConfig
+
+
+def test_bce_dice_known_answer_at_zero_logits():
+    # p = 0.5 everywhere: BCE = ln 2; one lesion pixel of four: Dice = (2*0.5 + 1) / (2 + 1 + 1).
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    loss = BceDice()(torch.zeros_like(target), target)
+    assert loss.item() == pytest.approx(math.log(2) + 1 - 0.5, abs=1e-6)
+
+
+def test_dice_is_averaged_per_sample_not_pooled():
+    # Sample 1: Dice 2/4 = 0.5; sample 2 (no lesion): (0 + 1) / (2 + 0 + 1) = 1/3.
+    target = torch.zeros(2, 1, 2, 2)
+    target[0, 0, 0, 0] = 1.0
+    loss = BceDice()(torch.zeros_like(target), target)
+    per_sample = math.log(2) + 1 - (0.5 + 1 / 3) / 2
+    pooled = math.log(2) + 1 - (2 * 0.5 + 1) / (4 + 1 + 1)
+    assert loss.item() == pytest.approx(per_sample, abs=1e-6)
+    assert abs(loss.item() - pooled) > 0.05
+
+
+def test_bce_dice_matches_the_probability_formula():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8, generator=generator) * 3
+    target = (torch.rand(3, 1, 8, 8, generator=generator) > 0.6).float()
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * target).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    expected = F.binary_cross_entropy(p, target) + 1 - dice.mean()
+    assert BceDice()(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_saturated_logits_give_finite_loss_and_gradients():
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    logits = torch.tensor([[[[-200.0, 200.0], [300.0, -300.0]]]], requires_grad=True)
+    loss = BceDice()(logits, target)
+    loss.backward()
+    # Two pixels wrong by 200 (BCE 200 each), two right: BCE mean 100. Dice: p = (0, 1, 1, 0),
+    # overlap 1, sums 2 + 2: 1 - 3/5.
+    assert loss.item() == pytest.approx(100 + 1 - 3 / 5, rel=1e-6)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differ in shape"):
+        BceDice()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 2))
+
+
+def test_deep_supervision_weights_sides_deepest_first():
+    generator = torch.Generator().manual_seed(1)
+    target = (torch.rand(2, 1, 6, 6, generator=generator) > 0.5).float()
+    maps = [torch.randn(2, 1, 6, 6, generator=generator) * (i + 1) for i in range(6)]
+    single = [BceDice()(m, target).item() for m in maps]
+    expected = single[0] + sum(
+        w * s for w, s in zip((0.1, 0.2, 0.3, 0.4, 0.5), single[1:], strict=True)
+    )
+    assert DeepSupervisionLoss()(tuple(maps), target).item() == pytest.approx(expected, rel=1e-6)
+    reversed_order = single[0] + sum(
+        w * s for w, s in zip((0.5, 0.4, 0.3, 0.2, 0.1), single[1:], strict=True)
+    )
+    assert abs(expected - reversed_order) > 1e-3  # the test can tell the order apart
+
+
+def test_without_deep_supervision_only_the_final_map_counts():
+    target = torch.zeros(1, 1, 2, 2)
+    target[0, 0, 1, 1] = 1
+    logits = torch.full((1, 1, 2, 2), 0.3)
+    assert DeepSupervisionLoss()((logits,), target).item() == pytest.approx(
+        BceDice()(logits, target).item()
+    )
+    with pytest.raises(ValueError, match="side maps"):
+        DeepSupervisionLoss()((logits, logits), target)
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_loss_trains_the_model(deep_supervision):
+    torch.manual_seed(0)
+    model = EGEUNet(EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12), deep_supervision=deep_supervision))
+    x = torch.rand(2, 3, 32, 32) * 255
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, :, 8:24, 8:24] = 1
+    outputs = model(x)
+    assert len(outputs) == (6 if deep_supervision else 1)
+    loss = DeepSupervisionLoss()(outputs, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
