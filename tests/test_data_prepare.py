@@ -298,3 +298,22 @@ def test_bad_size_and_missing_data_root(tmp_path):
         prepare_dataset("synthetic", None, tmp_path / "out", 100)
     with pytest.raises(ValueError, match="needs data_root"):
         get_prepared("isic2017")
+
+
+def test_concurrent_prepares_of_one_folder_build_it_once(isic_source, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, _ = isic_source
+    builds = []
+    real_write = prepare_module._write_folder
+    monkeypatch.setattr(
+        prepare_module, "_write_folder", lambda *a: builds.append(1) or real_write(*a)
+    )
+    with ThreadPoolExecutor(3) as pool:
+        folders = list(
+            pool.map(lambda _: prepare_dataset("isic2017", root, tmp_path / "out", SIZE), range(3))
+        )
+    assert folders == [tmp_path / "out"] * 3
+    assert len(builds) == 1
+    assert len(PreparedDataset(tmp_path / "out")) == 10
+    assert leftovers(tmp_path) == []

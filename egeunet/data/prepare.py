@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +52,19 @@ class PreparedSample:
     image: np.ndarray  # (S, S, 3) uint8
     mask: np.ndarray  # (S, S) uint8 in {0, 1}
     record: dict
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What to build: the folder, manifest header, size, input fingerprint, the (id, split)
+    of every row and how to load row i."""
+
+    out: Path
+    header: dict
+    size: int
+    fingerprint: str
+    samples: list[tuple[str, str]]
+    load: Callable[[int], PreparedSample]
 
 
 def check_dataset_name(dataset: str) -> None:
@@ -103,16 +116,15 @@ def prepare_dataset(
             "layout": discovered.layout,
         }
         pairs = discovered.pairs
-        return _build(
+        job = _Job(
             out,
             header,
             size,
             fingerprint,
-            [(pair.id, pair.split) for pair in pairs],
-            lambda i: _load_pair(pairs[i], size, discovered.root),
-            workers,
-            show,
+            samples=[(pair.id, pair.split) for pair in pairs],
+            load=lambda i: _load_pair(pairs[i], size, discovered.root),
         )
+        return _build(job, workers, show)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -152,7 +164,7 @@ def _prepare_synthetic(
         return PreparedSample(image, mask, {**record, "mask_binary": True})
 
     header = {"dataset": "synthetic", "source": None, "layout": "synthetic", "synthetic": params}
-    return _build(out, header, size, fingerprint, plan, load, workers, show)
+    return _build(_Job(out, header, size, fingerprint, plan, load), workers, show)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,43 +227,62 @@ def _relative(display: str, root: Path) -> str:
 # Building the folder
 
 
-def _build(
-    out: Path,
-    header: dict,
-    size: int,
-    fingerprint: str,
-    plan: list[tuple[str, str]],
-    load: Callable[[int], PreparedSample],
-    workers: int,
-    show: bool,
-) -> Path:
-    """Fill a temporary folder with arrays, manifest and splits, then move it to ``out``."""
+def _build(job: _Job, workers: int, show: bool) -> Path:
+    """Fill a temporary folder with arrays, manifest and splits, then move it to ``job.out``;
+    one process at a time per folder."""
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(job.out.parent / f".{job.out.name}.lock"):
+        if _is_current(job.out, job.fingerprint):  # another process made it while we waited
+            return job.out
+        _remove_abandoned_staging(job.out)
+        staging = job.out.parent / f".{job.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            _write_folder(job, staging, workers, show, started)
+            _swap_into_place(staging, job.out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return job.out
+
+
+def _write_folder(job: _Job, staging: Path, workers: int, show: bool, started: float) -> None:
+    count, size = len(job.samples), job.size
+    images = np.lib.format.open_memmap(
+        staging / "images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3)
+    )
+    masks = np.lib.format.open_memmap(
+        staging / "masks.npy", mode="w+", dtype=np.uint8, shape=(count, size, size)
+    )
+    records = _fill(images, masks, job.load, count, workers, show, job.header["dataset"])
+    images.flush()
+    masks.flush()
+    del images, masks
+    items = [
+        {"id": sample_id, "split": split, **record}
+        for (sample_id, split), record in zip(job.samples, records, strict=True)
+    ]
+    manifest = _manifest(job, items, time.perf_counter() - started)
+    for name, document in split_rules.default_splits(job.header["dataset"], items).items():
+        write_json_atomic(staging / "splits" / f"{name}.json", document)
+    write_json_atomic(staging / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Serialise preparations of one folder across processes (no-op where fcntl is absent)."""
     try:
-        images = np.lib.format.open_memmap(
-            staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size, 3)
-        )
-        masks = np.lib.format.open_memmap(
-            staging / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size)
-        )
-        records = _fill(images, masks, load, len(plan), workers, show, header["dataset"])
-        images.flush()
-        masks.flush()
-        del images, masks
-        items = [{"id": i, "split": s, **r} for (i, s), r in zip(plan, records, strict=True)]
-        manifest = _manifest(header, size, fingerprint, items, time.perf_counter() - started)
-        for name, split in split_rules.default_splits(header["dataset"], items).items():
-            write_json_atomic(staging / "splits" / f"{name}.json", split)
-        write_json_atomic(staging / MANIFEST, manifest)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _remove_abandoned_staging(out: Path) -> None:
@@ -298,22 +329,22 @@ def _fill(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _manifest(header: dict, size: int, fingerprint: str, items: list[dict], seconds: float) -> dict:
+def _manifest(job: _Job, items: list[dict], seconds: float) -> dict:
     non_binary = [item["id"] for item in items if not item["mask_binary"]]
     counts = {split: 0 for split in SPLIT_ORDER}
     for item in items:
         counts[item["split"]] += 1
     manifest = {
         "format": PREPARE_FORMAT,
-        **header,
-        "size": size,
+        **job.header,
+        "size": job.size,
         "num_images": len(items),
         "split_counts": {split: n for split, n in counts.items() if n},
         "non_binary_masks": len(non_binary),
         "non_binary_mask_ids": non_binary,
         "mask_threshold": MASK_THRESHOLD,
         "resize": "bilinear (images and masks), masks then binarised at > 127",
-        "fingerprint": fingerprint,
+        "fingerprint": job.fingerprint,
         "egeunet_version": _package_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "prepare_seconds": round(seconds, 3),
