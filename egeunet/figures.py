@@ -227,13 +227,14 @@ def case_grid(
 
 def parameters_against_flops(table: pd.DataFrame, reported: pd.DataFrame | None = None) -> Figure:
     """Parameters against FLOPs (both log scale) per variant; ``table`` has columns variant,
-    params_total, macs_g and fvcore_flops_g; ``reported`` (optional) has model, params and
+    params_total, macs_g and fvcore_full_g (or fvcore_flops_g); ``reported`` (optional) has model, params and
     gflops as the paper reports them."""
     figure = Figure(figsize=(6.2, 4.2))
     axis = figure.subplots()
     axis.scatter(table["macs_g"], table["params_total"], label="conv MACs (paper convention)")
+    fvcore_column = "fvcore_full_g" if "fvcore_full_g" in table.columns else "fvcore_flops_g"
     axis.scatter(
-        table["fvcore_flops_g"],
+        table[fvcore_column],
         table["params_total"],
         marker="x",
         label="fvcore FLOPs (all ops counted)",
@@ -255,3 +256,15 @@ def parameters_against_flops(table: pd.DataFrame, reported: pd.DataFrame | None 
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def show(figure: Figure, dpi: int = 110) -> None:
+    """Display ``figure`` in a notebook as a PNG (works on any kernel, whatever the
+    matplotlib backend, and under papermill)."""
+    import io
+
+    from IPython.display import Image, display
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    display(Image(data=buffer.getvalue()))

@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from egeunet import figures
 from egeunet.cases import load_cases
 from egeunet.fileio import write_text_atomic
 from egeunet.model import EGEUNetConfig
+from egeunet.study import OUTCOME_FILE
 
 FULL_MODEL = EGEUNetConfig().name
 """Variant name of the published model, the one every ablation is compared with."""
@@ -44,11 +45,10 @@ FULL_MODEL = EGEUNetConfig().name
 ABLATION_LADDER = ("unet", "unet+ghpa", "unet+ghpa+gab", FULL_MODEL)
 """The paper's macro ablation ladder, in the order tables and figures show it."""
 
-COMPLEXITY_CSV = Path("complexity") / "complexity.csv"
+COMPLEXITY_CSV = Path("runs") / "02_complexity" / "complexity.csv"
 """Where ``02_complexity`` writes its table, relative to the study folder."""
 
 RUNS_DIR = "runs"
-OUTCOME_FILE = "outcome.json"
 
 # (column in the runs table, label, convention) for the main results table.
 MAIN_METRICS = (
@@ -101,6 +101,32 @@ def reported_points(reference: dict, dataset: str) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=["model", "params", "dsc", "source"])
+
+
+def reported_complexity(reference: dict) -> pd.DataFrame:
+    """Parameters and "GFLOPs" (convolution MACs) as the paper reports them for EGE-UNet
+    (from :func:`egeunet.complexity.paper_reported_complexity`) and for its peers."""
+    from egeunet.complexity import paper_reported_complexity
+
+    paper = paper_reported_complexity()
+    rows = [
+        {
+            "model": "EGE-UNet",
+            "params": paper["params_total"],
+            "gflops": paper["macs_g"],
+            "source": "EGE-UNet paper",
+        }
+    ]
+    rows += [
+        {
+            "model": e["model"],
+            "params": e["params"],
+            "gflops": e["gflops"],
+            "source": "peers in the paper's table",
+        }
+        for e in reference["peers"]["results"]
+    ]
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- reading run folders
@@ -499,7 +525,7 @@ def _figure_section(name: str, title: str, figure, figures_dir: Path, report: Re
 def _setup_section(runs: pd.DataFrame, study_name: str) -> str:
     lines = [
         f"- Study: `{study_name}`; {len(runs)} finished run(s).",
-        f"- Generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"- Generated: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} "
         "from the run folders (regenerate, do not edit).",
     ]
     for column, label in (

@@ -129,12 +129,12 @@ def write_study(study_dir: Path) -> Path:
             {"run_id": failed.name, "status": "failed", "error": "RuntimeError: out of memory"}
         )
     )
-    (study_dir / "complexity").mkdir()
+    (runs_dir / "02_complexity").mkdir()
     pd.DataFrame(
         {
             "variant": list(LADDER),
             "params_total": list(PARAMS.values()),
             "macs_g": [0.08, 0.07, 0.072, 0.0721],
         }
-    ).to_csv(study_dir / "complexity" / "complexity.csv", index=False)
+    ).to_csv(runs_dir / "02_complexity" / "complexity.csv", index=False)
     return study_dir

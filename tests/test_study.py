@@ -1,0 +1,266 @@
+"""The study runner: parameter checks before launch, failure isolation, exit code, skipping
+finished runs, resuming interrupted ones, thread settings and progress lines.
+
+These tests run real papermill executions of a small stand-in for 03_train (it writes the
+run-folder files the real one does, in milliseconds) so the runner's behaviour is tested
+without training; tests/test_notebooks.py runs the real notebooks through the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from kernel_helpers import ensure_kernel
+
+from egeunet import cli, study
+
+STAND_IN_PARAMETERS = """\
+dataset: str = "synthetic"  # dataset name
+data_root: str = ""  # data folder
+protocol: str = "paper"  # split protocol
+seed: int = 0  # seed
+epochs: int = 2  # epochs
+fail_seed: int = -1  # the run with this seed raises
+ghpa: bool = True  # a model switch
+run_dir: str = "run"  # run folder
+resume: bool = False  # continue an interrupted run
+device: str = "auto"  # torch device
+num_threads: int = 0  # torch threads"""
+
+STAND_IN_BODY = """\
+import json, os, pathlib
+run = pathlib.Path(run_dir)
+run.mkdir(parents=True, exist_ok=True)
+with open(run / "executions.jsonl", "a") as log:
+    log.write(json.dumps({"resume": resume, "omp": os.environ.get("OMP_NUM_THREADS"),
+                          "num_threads": num_threads, "device": device}) + "\\n")
+if seed == fail_seed:
+    raise RuntimeError(f"seed {seed} fails on purpose")
+rows = ["epoch,train_loss,val_loss,val_dsc,seconds"]
+rows += [f"{e},{1 / e},{2 / e},{0.1 * e},0.5" for e in range(1, epochs + 1)]
+(run / "history.csv").write_text("\\n".join(rows) + "\\n")
+(run / "metrics.json").write_text(json.dumps({"pooled": {"dsc": 0.5 + seed / 100}}))"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    ensure_kernel()
+
+
+@pytest.fixture
+def notebooks(tmp_path: Path) -> Path:
+    """A notebooks folder whose 03_train is the stand-in."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {
+        "name": "egeunet",
+        "display_name": "egeunet",
+        "language": "python",
+    }
+    parameters = nbformat.v4.new_code_cell(STAND_IN_PARAMETERS)
+    parameters.metadata["tags"] = ["parameters"]
+    notebook.cells = [parameters, nbformat.v4.new_code_cell(STAND_IN_BODY)]
+    nbformat.write(notebook, folder / "03_train.ipynb")
+    return folder
+
+
+def write_study_file(path: Path, **overrides) -> Path:
+    document = {
+        "name": "tiny",
+        "datasets": ["synthetic"],
+        "protocols": ["paper"],
+        "seeds": [1, 2, 3],
+        "variants": {"egeunet": {}},
+        "train": {"epochs": 2, "fail_seed": 2},
+        "data_overview": False,
+        "complexity": False,
+        "report": False,
+    }
+    document.update(overrides)
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def executions(run_dir: Path) -> list[dict]:
+    path = run_dir / "executions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_failure_is_isolated_recorded_and_resumed(tmp_path, notebooks, monkeypatch, capsys):
+    monkeypatch.setenv("EGEUNET_NOTEBOOKS", str(notebooks))
+    study_file = write_study_file(tmp_path / "tiny.yaml")
+    reports = tmp_path / "reports"
+    arguments = ["study", str(study_file), "--reports-dir", str(reports)]
+
+    assert cli.main(arguments) == 1  # one run failed
+    runs = reports / "tiny" / "runs"
+    failed = json.loads((runs / "synthetic-paper-egeunet-seed2" / "outcome.json").read_text())
+    assert failed["status"] == "failed"
+    assert "RuntimeError: seed 2 fails on purpose" in failed["error"]
+    for seed in (1, 3):  # the others ran to the end despite the failure before them
+        outcome = json.loads(
+            (runs / f"synthetic-paper-egeunet-seed{seed}" / "outcome.json").read_text()
+        )
+        assert outcome["status"] == "finished"
+        assert outcome["metrics"] == {"pooled": {"dsc": 0.5 + seed / 100}}
+    assert (runs / "synthetic-paper-egeunet-seed1.ipynb").is_file()  # executed notebook kept
+    out = capsys.readouterr()
+    assert "[1/3] start synthetic-paper-egeunet-seed1" in out.out
+    assert "[2/3] failed synthetic-paper-egeunet-seed2" in out.out
+    assert "[synthetic-paper-egeunet-seed3] epoch 2/2 train_loss=0.5000 val_loss=1.0000" in out.out
+    assert "failed: synthetic-paper-egeunet-seed2" in out.err
+
+    # The failed run had saved a checkpoint before dying: the rerun resumes it, and skips
+    # the two finished runs.
+    checkpoint = runs / "synthetic-paper-egeunet-seed2" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in")
+    write_study_file(study_file, train={"epochs": 2, "fail_seed": -1})
+    assert cli.main(arguments) == 0
+    out = capsys.readouterr().out
+    assert (
+        "skipped synthetic-paper-egeunet-seed1" in out
+        and "skipped synthetic-paper-egeunet-seed3" in out
+    )
+    assert [e["resume"] for e in executions(runs / "synthetic-paper-egeunet-seed2")] == [
+        False,
+        True,
+    ]
+    assert len(executions(runs / "synthetic-paper-egeunet-seed1")) == 1  # not run again
+
+
+def test_unknown_parameter_fails_before_anything_runs(tmp_path, notebooks, monkeypatch, capsys):
+    monkeypatch.setenv("EGEUNET_NOTEBOOKS", str(notebooks))
+    study_file = write_study_file(tmp_path / "typo.yaml", train={"epoch": 2})
+    reports = tmp_path / "reports"
+    assert cli.main(["study", str(study_file), "--reports-dir", str(reports)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter 'epoch' for 03_train.ipynb" in err and str(study_file) in err
+    assert not (reports / "tiny" / "runs").exists()  # nothing launched
+
+
+def test_misspelt_variant_switch_and_wrong_type_are_named(tmp_path, notebooks):
+    spelt = study.load_study(
+        write_study_file(tmp_path / "a.yaml", variants={"unet": {"gpha": False}}),
+        reports_root=tmp_path,
+        notebooks=notebooks,
+    )
+    with pytest.raises(ValueError, match="unknown parameter 'gpha'"):
+        study.check_study(spelt)
+    typed = study.load_study(
+        write_study_file(tmp_path / "b.yaml", train={"epochs": "two"}),
+        reports_root=tmp_path,
+        notebooks=notebooks,
+    )
+    with pytest.raises(ValueError, match=r"parameter 'epochs' of 03_train\.ipynb .* must be int"):
+        study.check_study(typed)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seeds": ["one"]}, "seeds: expected int"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"variants": {"bad/name": {}}}, "not a safe folder name"),
+        ({"name": "../escape"}, "name: '../escape' is not a safe folder name"),
+    ],
+)
+def test_bad_study_files_name_the_problem(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        study.load_study(
+            write_study_file(tmp_path / "bad.yaml", **overrides), reports_root=tmp_path
+        )
+
+
+def test_missing_study_file_and_missing_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.yaml"):
+        study.load_study(tmp_path / "nowhere.yaml")
+    path = tmp_path / "short.yaml"
+    path.write_text("name: x\ndatasets: [synthetic]\n")
+    with pytest.raises(ValueError, match="missing key 'protocols'"):
+        study.load_study(path)
+
+
+def test_execute_run_applies_threads_and_device(tmp_path, notebooks):
+    spec = study.RunSpec(
+        run_id="one",
+        notebook=str(notebooks / "03_train.ipynb"),
+        run_dir=str(tmp_path / "one"),
+        parameters={"seed": 5, "run_dir": str(tmp_path / "one")},
+        threads=1,
+        device="cpu",
+    )
+    outcome = study.execute_run(spec, log=lambda line: None)
+    assert outcome.status == "finished" and outcome.metrics == {"pooled": {"dsc": 0.55}}
+    assert executions(tmp_path / "one") == [
+        {"resume": False, "omp": "1", "num_threads": 1, "device": "cpu"}
+    ]
+    assert study.execute_run(spec).status == "skipped"
+    assert study.execute_run(spec, force=True, log=lambda line: None).status == "finished"
+
+
+def test_study_specs_cover_the_product_with_stable_ids(tmp_path):
+    path = write_study_file(
+        tmp_path / "grid.yaml",
+        datasets=["isic2017", "isic2018"],
+        protocols=["paper", "clean"],
+        seeds=[1, 2],
+        variants={"unet": {"ghpa": False}, "egeunet": {}},
+    )
+    loaded = study.load_study(path, data_root=tmp_path / "data", reports_root=tmp_path / "r")
+    ids = [spec.run_id for spec in loaded.train]
+    assert len(ids) == len(set(ids)) == 16
+    assert "isic2018-clean-unet-seed2" in ids
+    spec = next(s for s in loaded.train if s.run_id == "isic2018-clean-unet-seed2")
+    assert spec.parameters["ghpa"] is False and spec.parameters["seed"] == 2
+    assert spec.parameters["data_root"] == str((tmp_path / "data").resolve())
+    assert spec.run_dir == str(
+        (tmp_path / "r" / "tiny" / "runs" / "isic2018-clean-unet-seed2").resolve()
+    )
+
+
+def test_run_spec_and_outcome_pickle():
+    import pickle
+
+    spec = study.RunSpec("a", "nb.ipynb", "runs/a", {"seed": 1}, threads=2, device="cpu")
+    outcome = study.RunOutcome("a", "failed", "boom", 1.5, None)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert pickle.loads(pickle.dumps(outcome)) == outcome
+
+
+def test_history_tail_reports_only_new_epochs(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,train_loss,val_dsc,seconds\n1,0.9,0.5,2.0\n")
+    lines: list[str] = []
+    with study.HistoryTail("r", history, epochs=4, log=lines.append):
+        history.write_text(history.read_text() + "2,0.8,0.6,3.0\n")
+    assert lines == ["[r] epoch 2/4 train_loss=0.8000 val_dsc=0.6000 3.0s ~0.1 min left"]
+
+
+def test_check_flag_runs_nothing(tmp_path, notebooks):
+    study_file = write_study_file(tmp_path / "check.yaml")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "egeunet.cli",
+            "study",
+            str(study_file),
+            "--check",
+            "--reports-dir",
+            str(tmp_path / "reports"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "EGEUNET_NOTEBOOKS": str(notebooks)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 training runs, parameters OK" in result.stdout
+    assert not (tmp_path / "reports").exists()
