@@ -176,3 +176,14 @@ def test_prepared_dataset_reports_missing_arrays(prepared, tmp_path):
     (copy / "manifest.json").write_text((Path(prepared.root) / "manifest.json").read_text())
     with pytest.raises(FileNotFoundError, match=r"images\.npy"):
         _ = PreparedDataset(copy).images
+
+
+def test_plain_int_indexing_is_seeded_and_fresh_per_call(prepared):
+    def draws(seed: int) -> list[torch.Tensor]:
+        dataset = SegmentationDataset(prepared, prepared.ids, augment=True, seed=seed)
+        return [dataset[1][1] for _ in range(12)]
+
+    first = draws(0)
+    assert len({m.numpy().tobytes() for m in first}) > 4
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, draws(1), strict=True))

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -104,7 +104,8 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.normalization = normalization
         self.augmentation = JointAugmentation(per_run_angle=per_run_angle, seed=seed)
-        self._fallback_seeds = np.random.default_rng(seed)
+        self.seed = seed
+        self._fallback: tuple[int | None, np.random.Generator] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,10 +119,20 @@ class SegmentationDataset(Dataset):
         mask = tv_tensors.Mask(mask)
         if self.augment:
             if sample_seed is None:
-                sample_seed = int(self._fallback_seeds.integers(2**62))
+                sample_seed = self._next_fallback_seed()
             generator = torch.Generator().manual_seed(sample_seed)
             image, mask = self.augmentation(image, mask, generator)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(torch.float32)
+
+    def _next_fallback_seed(self) -> int:
+        """Seed for plain-int indexing: a stream per process, so DataLoader workers that
+        received copies of this dataset do not repeat each other's augmentations."""
+        worker = get_worker_info()
+        worker_seed = worker.seed if worker is not None else None
+        if self._fallback is None or self._fallback[0] != worker_seed:
+            entropy = [self.seed] if worker_seed is None else [self.seed, worker_seed]
+            self._fallback = (worker_seed, np.random.default_rng(entropy))
+        return int(self._fallback[1].integers(2**62))
 
 
 class SeededSampler(Sampler[tuple[int, int]]):

@@ -154,12 +154,11 @@ def _prepare_synthetic(
     fingerprint = sha256_json([PREPARE_FORMAT, size, params])
     if _is_current(out, fingerprint):
         return out
-    plan = [(synthetic.sample_id(split, i), split) for split, n in counts.items() for i in range(n)]
+    streams = [(split, index) for split, n in counts.items() for index in range(n)]
+    plan = [(synthetic.sample_id(split, index), split) for split, index in streams]
 
     def load(i: int) -> PreparedSample:
-        sample_id, split = plan[i]
-        index = int(sample_id.rsplit("_", 1)[1])
-        image, mask = synthetic.generate_sample(seed, split, index, size)
+        image, mask = synthetic.generate_sample(seed, *streams[i], size)
         record = {"height": size, "width": size, "lesion_fraction": float(mask.mean())}
         return PreparedSample(image, mask, {**record, "mask_binary": True})
 
