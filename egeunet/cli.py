@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = [
     "egeunet.complexity",
     "egeunet.data.commands",
+    "egeunet.engine_commands",
 ]
 
 

@@ -1,0 +1,111 @@
+"""Checkpoint files: atomic saving, safe loading, and models from any supported layout.
+
+Three layouts load into an :class:`~egeunet.model.EGEUNet`:
+
+* this package's checkpoints (``format == CHECKPOINT_FORMAT``): model config, weights,
+  and, for training checkpoints, optimiser, scheduler, RNG states and the train config;
+* the authors' raw ``state_dict`` (``encoder1.0.weight`` ...), also wrapped in a dict under
+  ``model_state_dict`` as their training script saves it, converted with
+  :func:`~egeunet.model.convert_official_state_dict`;
+* a raw ``state_dict`` with this package's key names.
+
+Everything is read with ``torch.load(..., weights_only=True)``: no code from a file runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from egeunet.fileio import atomic_open
+from egeunet.model import (
+    EGEUNet,
+    EGEUNetConfig,
+    convert_official_state_dict,
+    is_official_state_dict,
+)
+
+CHECKPOINT_FORMAT = "egeunet-checkpoint-v1"
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` with ``torch.save`` to a temporary file and move it into place."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint onto the CPU with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"checkpoint {path} could not be read: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
+    return data
+
+
+@dataclass
+class LoadedModel:
+    """A model restored from a checkpoint, with what the checkpoint said about itself."""
+
+    model: EGEUNet
+    layout: str  # "egeunet", "official" or "state_dict"
+    checkpoint: dict  # the whole file (training state included, if any)
+
+    @property
+    def train_config(self) -> dict | None:
+        return self.checkpoint.get("train_config") if self.layout == "egeunet" else None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.checkpoint.get("epoch") if self.layout == "egeunet" else None
+
+
+def _is_state_dict(data: dict) -> bool:
+    return bool(data) and all(isinstance(v, Tensor) for v in data.values())
+
+
+def load_model(path: str | os.PathLike, config: EGEUNetConfig | None = None) -> LoadedModel:
+    """Build the model a checkpoint describes and load its weights (eval mode, CPU).
+
+    ``config`` is needed only for raw state dicts of a non-default variant; this package's
+    checkpoints carry their own.
+    """
+    data = load_checkpoint(path)
+    if data.get("format") == CHECKPOINT_FORMAT:
+        layout = "egeunet"
+        config = EGEUNetConfig(**data["model_config"])
+        state = data["model_state"]
+    else:
+        state = data.get("model_state_dict", data)
+        if not isinstance(state, dict) or not _is_state_dict(state):
+            raise ValueError(
+                f"checkpoint {path} is neither an egeunet checkpoint nor a model state_dict"
+            )
+        config = config or EGEUNetConfig()
+        if is_official_state_dict(state):
+            layout = "official"
+            state = convert_official_state_dict(state, config)
+        else:
+            layout = "state_dict"
+    model = EGEUNet(config)
+    where = f"checkpoint {path} does not fit model {config.name} {config.widths}"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"{where}: {error}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.eval()
+    return LoadedModel(model=model, layout=layout, checkpoint=data)

@@ -1,0 +1,279 @@
+"""``egeunet train``, ``egeunet evaluate`` and ``egeunet predict``.
+
+``egeunet train`` builds a :class:`~egeunet.engine.TrainConfig` from, in increasing
+priority, its defaults (the published recipe), ``--config FILE`` (JSON or YAML, a
+mapping of TrainConfig fields with ``model`` nested, or a run's config.json) and one
+option per field on the command line: ``--epochs 2``, ``--max-train-images 64``,
+``--model.gab false``, ``--model.widths 8,16,24,32,48,64``, ``--betas 0.9,0.99``,
+``--max-eval-images none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import yaml
+
+from egeunet.engine import TrainConfig, TrainingDiverged, evaluate, field_types, train
+from egeunet.model import EGEUNetConfig
+from egeunet.predict import predict
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null"}
+
+
+def parse_value(text: str, annotation: typing.Any, name: str) -> typing.Any:
+    """Turn command-line ``text`` into a value of type ``annotation`` (ValueError naming ``name``)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if text.strip().lower() in _NONE:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        item_type = args[0]
+        return tuple(
+            parse_value(part.strip(), item_type, name) for part in text.split(",") if part.strip()
+        )
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered in _TRUE | _FALSE:
+                return lowered in _TRUE
+            raise ValueError
+        if annotation in (int, float):
+            return annotation(text)
+    except ValueError:
+        kind = "true or false" if annotation is bool else f"a {annotation.__name__}"
+        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+    return text
+
+
+def _option_names(name: str) -> list[str]:
+    spellings = [f"--{name.replace('_', '-')}"]
+    if "_" in name:
+        spellings.append(f"--{name}")
+    return spellings
+
+
+def _describe_default(value: typing.Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "configuration overrides",
+        "Every TrainConfig field; lists are comma-separated, none = null.",
+    )
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        group.add_argument(
+            *_option_names(f.name),
+            dest=f"set:{f.name}",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=f"(default {_describe_default(getattr(defaults, f.name))})",
+        )
+    model_group = parser.add_argument_group("model overrides", "Fields of EGEUNetConfig.")
+    for f in fields(EGEUNetConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        model_group.add_argument(
+            *_option_names(f"model.{f.name}"),
+            dest=f"set:model.{f.name}",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=f"(default {_describe_default(default)})",
+        )
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TrainConfig mapping from JSON or YAML (a run's config.json works too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"config file {path} is not valid JSON/YAML: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a run folder's config.json
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    data = read_config_file(args.config) if args.config else {}
+    model = dict(data.get("model") or {})
+    train_types = field_types(TrainConfig)
+    model_types = field_types(EGEUNetConfig)
+    for dest, text in vars(args).items():
+        if not dest.startswith("set:"):
+            continue
+        name = dest[len("set:") :]
+        if name.startswith("model."):
+            key = name[len("model.") :]
+            model[key] = parse_value(text, model_types[key], name)
+        else:
+            data[name] = parse_value(text, train_types[name], name)
+    if model:
+        data["model"] = model
+    return TrainConfig.from_dict(data)
+
+
+def format_metrics(document: dict) -> str:
+    """A short, labelled summary of a metrics.json document."""
+    pooled, per_image = document["pooled"], document["per_image"]
+    return "\n".join(
+        [
+            f"{document['protocol']} protocol, {document['selection']}, best epoch "
+            f"{document.get('best_epoch')}; split {document['split']} ({document['num_images']} images)",
+            f"pooled over all pixels (paper convention): IoU (paper's mIoU) {pooled['iou']:.4f}  "
+            f"DSC {pooled['dsc']:.4f}  accuracy {pooled['accuracy']:.4f}  "
+            f"specificity {pooled['specificity']:.4f}  sensitivity {pooled['sensitivity']:.4f}",
+            f"per image: DSC mean {per_image['dsc_mean']:.4f} median {per_image['dsc_median']:.4f}  "
+            f"IoU mean {per_image['iou_mean']:.4f} median {per_image['iou_median']:.4f}  "
+            f"ISIC score {per_image['isic_score']:.4f}  HD95 mean {per_image['hd95_mean']:.2f} px "
+            f"median {per_image['hd95_median']:.2f} px",
+        ]
+    )
+
+
+def _progress_choice(text: str) -> bool | None:
+    return {"auto": None, "bars": True, "lines": False}[text]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    run_dir = args.run_dir or Path("runs") / (
+        f"{config.dataset}-{config.model.name}-{config.protocol}-seed{config.seed}"
+    )
+    try:
+        document = train(
+            config, run_dir, resume=args.resume, progress=_progress_choice(args.progress)
+        )
+    except TrainingDiverged as error:
+        print(f"egeunet train: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"egeunet train: interrupted; continue with --resume --run-dir {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    print(format_metrics(document))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    document = evaluate(
+        args.checkpoint,
+        args.split,
+        output=args.output,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        protocol=args.protocol,
+        device=args.device,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+    )
+    print(format_metrics(document))
+    print(f"written to {document['output']}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    summary = predict(
+        args.checkpoint,
+        args.input,
+        args.output,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        recursive=args.recursive,
+        overlays=not args.no_overlays,
+    )
+    print(summary.message())
+    return 0 if summary.written or not summary.failed else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train_parser = subparsers.add_parser(
+        "train",
+        help="train EGE-UNet (published recipe by default) into a run folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train_parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields")
+    train_parser.add_argument(
+        "--run-dir", help="run folder (default runs/<dataset>-<model>-<protocol>-seed<seed>)"
+    )
+    train_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from checkpoints/last.pt",
+    )
+    train_parser.add_argument(
+        "--progress",
+        choices=("auto", "bars", "lines"),
+        default="auto",
+        help="tqdm bars, one line per epoch, or bars only in a terminal (default auto)",
+    )
+    _add_config_options(train_parser)
+    train_parser.set_defaults(func=run_train)
+
+    eval_parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint on a split (pooled and per-image metrics, HD95)",
+        description="Evaluate a checkpoint on the train, val or test part of its protocol; "
+        "writes metrics.json, per_image.csv and predictions/.",
+    )
+    eval_parser.add_argument(
+        "--checkpoint", required=True, help="a .pt file (ours or the authors')"
+    )
+    eval_parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    eval_parser.add_argument(
+        "--output", help="folder for the results (default beside the checkpoint)"
+    )
+    eval_parser.add_argument(
+        "--dataset", help="override the checkpoint's dataset (required for raw state dicts)"
+    )
+    eval_parser.add_argument("--data-root", help="folder holding the dataset's files")
+    eval_parser.add_argument("--protocol", choices=("paper", "clean", "challenge"))
+    eval_parser.add_argument("--device", default="auto")
+    eval_parser.add_argument("--batch-size", type=int)
+    eval_parser.add_argument("--threshold", type=float, default=0.5)
+    eval_parser.set_defaults(func=run_evaluate)
+
+    predict_parser = subparsers.add_parser(
+        "predict",
+        help="segment image files: masks at original size plus overlays",
+        description="Segment images PIL can read; writes <name>_mask.png (0/255, original "
+        "size) and <name>_overlay.png per image and summary.json. Unreadable files are "
+        "reported and skipped. Exit code 1 only when nothing could be predicted.",
+    )
+    predict_parser.add_argument(
+        "--checkpoint", required=True, help="a .pt file (ours or the authors')"
+    )
+    predict_parser.add_argument(
+        "--input", required=True, nargs="+", help="image files and/or folders"
+    )
+    predict_parser.add_argument("--output", required=True, help="output folder")
+    predict_parser.add_argument("--threshold", type=float, default=0.5)
+    predict_parser.add_argument("--batch-size", type=int, default=8)
+    predict_parser.add_argument("--device", default="auto")
+    predict_parser.add_argument("--recursive", action="store_true", help="also search subfolders")
+    predict_parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    predict_parser.set_defaults(func=run_predict)

@@ -1,0 +1,299 @@
+"""Training engine: run folder, protocols, resume bit-identity, NaN stop, config and CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from egeunet import engine
+from egeunet.checkpoint import load_checkpoint
+from egeunet.cli import main as cli_main
+from egeunet.engine import (
+    HOLDOUT_SEED,
+    TEST_SELECTION,
+    VALIDATION_SELECTION,
+    ProtocolSplits,
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    holdout,
+    protocol_splits,
+    train,
+)
+from egeunet.losses import DeepSupervisionLoss
+from egeunet.model import EGEUNetConfig
+
+TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
+TINY = TrainConfig(
+    image_size=32,
+    epochs=3,
+    batch_size=4,
+    max_train_images=12,
+    max_eval_images=4,
+    model=TINY_MODEL,
+    num_prediction_samples=2,
+    device="cpu",
+    t_max=2,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    """Synthetic data generated once into a temporary cache for this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EGEUNET_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "paper"
+    metrics = train(TINY, run_dir, progress=False)
+    return run_dir, metrics
+
+
+def read_history(run_dir):
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_folder_contents(finished_run, capsys):
+    run_dir, metrics = finished_run
+    for name in ("config.json", "history.csv", "metrics.json", "per_image.csv"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert len(list((run_dir / "predictions").glob("*.png"))) == 2
+
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["protocol"] == "paper" and metrics["selection"] == TEST_SELECTION
+    assert set(metrics["pooled"]) == {"iou", "dsc", "accuracy", "specificity", "sensitivity"}
+    assert set(metrics["per_image"]) == {
+        "dsc_mean", "dsc_median", "iou_mean", "iou_median", "isic_score", "hd95_mean", "hd95_median"
+    }  # fmt: skip
+    assert metrics["split"] == "test" and metrics["num_images"] == 4
+    assert metrics["num_parameters"] == sum(
+        p.numel() for p in engine.EGEUNet(TINY_MODEL).parameters()
+    )
+    assert metrics["model"]["widths"] == [4, 4, 8, 8, 12, 12]
+    assert metrics["pooled"]["dsc"] == pytest.approx(
+        2 * metrics["pooled"]["iou"] / (1 + metrics["pooled"]["iou"])
+    )
+
+    description = json.loads((run_dir / "config.json").read_text())
+    assert TrainConfig.from_dict(description["config"]) == TINY
+    assert description["selection"] == TEST_SELECTION
+    assert description["counts"] == {"train": 12, "val": 4, "test": 4}
+    assert len(description["data_manifest_hash"]) == 64
+    assert {"package_version", "git_commit", "torch_version"} <= set(description)
+
+    history = read_history(run_dir)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    # Cosine schedule stepped per epoch, T_max 2: 1e-3, then halfway, then eta_min.
+    lrs = [float(r["lr"]) for r in history]
+    assert lrs == pytest.approx([1e-3, 1e-5 + (1e-3 - 1e-5) / 2, 1e-5], rel=1e-9)
+    losses = [float(r["val_loss"]) for r in history]
+    assert metrics["best_epoch"] == 1 + losses.index(min(losses))
+    # Paper protocol: the reported test metrics are the selection epoch's.
+    best_row = history[metrics["best_epoch"] - 1]
+    assert float(best_row["val_dsc"]) == pytest.approx(metrics["pooled"]["dsc"])
+
+    with open(run_dir / "per_image.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {"id", "dsc", "iou", "hd95"} <= set(rows[0])
+
+
+def test_evaluate_reproduces_the_final_metrics(finished_run):
+    run_dir, metrics = finished_run
+    document = evaluate(run_dir / "checkpoints" / "best.pt", "test", device="cpu")
+    assert document["pooled"] == pytest.approx(metrics["pooled"])
+    assert document["per_image"] == pytest.approx(metrics["per_image"])
+    out = run_dir / "evaluations" / "best-test"
+    assert (out / "metrics.json").is_file() and (out / "per_image.csv").is_file()
+    train_part = evaluate(run_dir / "checkpoints" / "best.pt", "train", output=run_dir / "ev")
+    assert train_part["num_images"] == 12
+
+
+def test_resume_after_a_kill_is_bit_identical(finished_run, tmp_path):
+    _, _ = finished_run
+    uninterrupted = finished_run[0]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train(TINY, run_dir, progress=False, on_epoch_end=kill_after_second)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 2
+    metrics = train(TINY, run_dir, resume=True, progress=False)
+
+    for name in ("last.pt", "best.pt"):
+        expected = load_checkpoint(uninterrupted / "checkpoints" / name)["model_state"]
+        got = load_checkpoint(run_dir / "checkpoints" / name)["model_state"]
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{name}: {key} differs"
+    keep = ("epoch", "train_loss", "val_loss", "lr", "val_dsc")
+    assert [{k: r[k] for k in keep} for r in read_history(run_dir)] == [
+        {k: r[k] for k in keep} for r in read_history(uninterrupted)
+    ]
+    assert metrics["pooled"] == json.loads((uninterrupted / "metrics.json").read_text())["pooled"]
+
+
+def test_resume_refusals(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(TINY, run_dir, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"last\.pt"):
+        train(TINY, tmp_path / "empty", resume=True, progress=False)
+    changed = TrainConfig.from_dict({**TINY.to_dict(), "lr": 0.01})
+    with pytest.raises(ValueError, match=r"changed: lr"):
+        train(changed, run_dir, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"train": 0}
+
+    class PoisonedLoss(DeepSupervisionLoss):
+        def forward(self, outputs, target):
+            loss = super().forward(outputs, target)
+            if torch.is_grad_enabled():
+                calls["train"] += 1
+                if calls["train"] == 5:  # epoch 2 (3 batches per epoch), batch 2
+                    return loss * float("nan")
+            return loss
+
+    monkeypatch.setattr(engine, "DeepSupervisionLoss", PoisonedLoss)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 2.*last\.pt \(epoch 1\)"):
+        train(TINY, run_dir, progress=False)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert len(read_history(run_dir)) == 1
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_clean_protocol_selects_on_validation(tmp_path):
+    config = TrainConfig.from_dict({**TINY.to_dict(), "protocol": "clean", "epochs": 1})
+    metrics = train(config, tmp_path / "clean", progress=False)
+    assert metrics["selection"] == VALIDATION_SELECTION
+    description = json.loads((tmp_path / "clean" / "config.json").read_text())
+    assert description["protocol"] == "clean"
+    assert description["validation_source"] == "challenge val"
+    assert metrics["counts"] == {"train": 12, "val": 4, "test": 4}
+
+
+class FakePrepared:
+    """Split lists only, like ISIC 2017 (challenge train/val, no challenge test)."""
+
+    name = "fake"
+
+    def __init__(self, challenge, paper):
+        self._splits = {"challenge": challenge, "paper": paper}
+
+    def split(self, name):
+        return self._splits[name]
+
+
+def test_clean_protocol_falls_back_to_a_seeded_holdout():
+    ids = [f"im{i:03d}" for i in range(50)]
+    prepared = FakePrepared(
+        challenge={"train": ids[:40], "val": ids[40:]},
+        paper={"train": ids[:35], "test": ids[35:]},
+    )
+    splits = protocol_splits(TrainConfig(protocol="clean"), prepared)
+    assert splits.selection == VALIDATION_SELECTION
+    assert splits.test == ids[35:]
+    assert len(splits.val) == 4 and len(splits.train) == 31  # round(35 * 0.1) = 4
+    assert not set(splits.val) & set(splits.train) and not set(splits.val) & set(splits.test)
+    assert sorted(splits.train + splits.val) == ids[:35]
+    assert (splits.train, splits.val) == holdout(ids[:35], 0.1, HOLDOUT_SEED)
+    paper = protocol_splits(TrainConfig(protocol="paper"), prepared)
+    assert paper.val == paper.test == ids[35:] and paper.selection == TEST_SELECTION
+    challenge = protocol_splits(TrainConfig(protocol="challenge"), prepared)
+    assert (challenge.train, challenge.val) == (ids[:40], ids[40:])
+    assert isinstance(splits, ProtocolSplits)
+
+
+def test_train_config_defaults_are_the_published_recipe():
+    config = TrainConfig()
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (
+        300,
+        8,
+        1e-3,
+        1e-2,
+    )
+    assert (config.t_max, config.eta_min, config.seed, config.image_size) == (50, 1e-5, 42, 256)
+    assert config.betas == (0.9, 0.999) and config.model == EGEUNetConfig()
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"epoch": 3}, "unknown train config key.*epoch"),
+        ({"model": {"width": [8]}}, "model.width"),
+        ({"protocol": "best"}, "protocol"),
+        ({"epochs": "ten"}, "epochs"),
+        ({"amp": 1}, "amp"),
+        ({"image_size": 100}, "image_size"),
+    ],
+)
+def test_train_config_rejects_bad_input(data, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(data)
+
+
+def test_cli_overrides_and_config_file(tmp_path, monkeypatch):
+    from egeunet.cli import build_parser
+    from egeunet.engine_commands import config_from_args
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("epochs: 7\nlr: 0.002\nmodel:\n  gab: false\n")
+    args = build_parser().parse_args(
+        ["train", "--config", str(config_file), "--epochs", "2", "--model.widths", "4,4,8,8,12,12",
+         "--betas", "0.8,0.9", "--max-eval-images", "none", "--amp", "yes", "--data-root", "d"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.epochs == 2 and config.lr == 0.002 and config.betas == (0.8, 0.9)
+    assert config.model.gab is False and config.model.widths == (4, 4, 8, 8, 12, 12)
+    assert config.max_eval_images is None and config.amp is True and config.data_root == "d"
+
+    assert cli_main(["train", "--epochs", "two"]) == 2
+    assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    argv = ["train", "--run-dir", str(run_dir), "--progress", "lines", "--epochs", "1"]
+    for key, value in TINY.to_dict().items():
+        if key not in ("model", "epochs", "betas"):
+            argv += [f"--{key}", "none" if value is None else str(value)]
+    argv += ["--model.widths", "4,4,8,8,12,12"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "test-set model selection" in out and "pooled" in out
+    assert cli_main(["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt")]) == 0
+    assert "per image" in capsys.readouterr().out
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+
+
+def test_progress_line_has_the_fields(capsys):
+    progress = engine.Progress(False, total_epochs=10)
+    row = {"epoch": 2, "train_loss": 0.5, "val_loss": 0.4, "val_dsc": 0.8, "lr": 1e-3,
+           "seconds": 12.0, "images_per_second": 40.0}  # fmt: skip
+    progress.epoch_line(row, eta_seconds=3725)
+    line = capsys.readouterr().out
+    assert line == (
+        "epoch 2/10  train_loss 0.5000  val_loss 0.4000  val_dsc 0.8000  lr 1.00e-03  "
+        "12.0 s  40.0 img/s  ETA 1:02:05\n"
+    )
+    assert math.isfinite(row["seconds"])
