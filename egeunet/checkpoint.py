@@ -39,6 +39,16 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         torch.save(payload, handle)
 
 
+def model_payload(model: EGEUNet, **extra) -> dict:
+    """A checkpoint dict of this package's layout for ``model`` (plus ``extra`` entries)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model.config.to_dict(),
+        "model_state": model.state_dict(),
+        **extra,
+    }
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint onto the CPU with ``weights_only=True``."""
     path = Path(path)

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from egeunet.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
+from egeunet.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
 from egeunet.fileio import write_json_atomic, write_text_atomic
@@ -632,16 +632,14 @@ class Trainer:
     # Checkpoints
 
     def _payload(self, full: bool) -> dict:
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": self.state.epoch,
-            "model_config": self.config.model.to_dict(),
-            "model_state": self.model.state_dict(),
-            "train_config": self.config.to_dict(),
-            "protocol": self.splits.protocol,
-            "selection": self.splits.selection,
-            "data_manifest_hash": self.prepared.manifest_hash,
-        }
+        payload = model_payload(
+            self.model,
+            epoch=self.state.epoch,
+            train_config=self.config.to_dict(),
+            protocol=self.splits.protocol,
+            selection=self.splits.selection,
+            data_manifest_hash=self.prepared.manifest_hash,
+        )
         if full:
             payload.update(
                 optimizer_state=self.optimizer.state_dict(),

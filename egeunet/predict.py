@@ -120,7 +120,7 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-        return np.asarray(rgb), np.asarray(rgb.resize((size, size), Image.BILINEAR))
+        return np.asarray(rgb), np.array(rgb.resize((size, size), Image.BILINEAR))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from None
 
