@@ -54,6 +54,22 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
+def picture_grid(pictures: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4) -> Figure:
+    """RGB pictures (H, W, 3), uint8 or float in [0, 1], in a grid with a title each."""
+    count = len(pictures)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure = Figure(figsize=(2.6 * columns, 2.6 * rows))
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for index, axis in enumerate(axes):
+        axis.set_axis_off()
+        if index < count:
+            axis.imshow(pictures[index])
+            axis.set_title(titles[index], fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def overlay_grid(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -63,24 +79,13 @@ def overlay_grid(
 ) -> Figure:
     """A grid of images (H, W, 3) uint8 with their masks (H, W) overlaid in green and,
     when given, predicted masks (H, W) in red."""
-    count = len(images)
-    columns = max(1, min(columns, count))
-    rows = max(1, -(-count // columns))
-    figure = Figure(figsize=(2.6 * columns, 2.6 * rows))
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
-    for index, axis in enumerate(axes):
-        axis.set_axis_off()
-        if index >= count:
-            continue
-        picture = overlay_mask(images[index], masks[index], TRUTH_COLOUR)
+    pictures = []
+    for index, image in enumerate(images):
+        picture = overlay_mask(image, masks[index], TRUTH_COLOUR)
         if predictions is not None:
-            picture = overlay_mask(
-                (picture * 255).astype(np.uint8), predictions[index], LESION_COLOUR
-            )
-        axis.imshow(picture)
-        axis.set_title(titles[index], fontsize=8)
-    figure.tight_layout()
-    return figure
+            picture = overlay_mask((picture * 255).astype(np.uint8), predictions[index])
+        pictures.append(picture)
+    return picture_grid(pictures, titles, columns)
 
 
 def distribution_panels(table: pd.DataFrame, columns: dict[str, str], bins: int = 20) -> Figure:

@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from egeunet import figures
-from egeunet.cases import load_cases
+from egeunet.cases import case_figure
 from egeunet.fileio import write_text_atomic
 from egeunet.model import EGEUNetConfig
 from egeunet.study import OUTCOME_FILE
@@ -628,28 +628,15 @@ def _cases_section(group: pd.DataFrame, key: str, figures_dir: Path, report: Rep
     if candidates.empty:
         candidates = group.sort_values(["variant", "seed"])
     for _, run in candidates.iterrows():
-        cases = load_cases(run["run_dir"])
-        if cases is None:
-            continue
-        titles = [
-            f"{label}: {case_id} (DSC {100 * score:.1f})"
-            for label, case_id, score in zip(
-                cases["labels"], cases["ids"], cases["scores"], strict=True
+        grid = case_figure(run["run_dir"])
+        if grid is not None:
+            return _figure_section(
+                f"cases_{key}",
+                f"Best, median and worst test images of {run['run_id']}",
+                grid,
+                figures_dir,
+                report,
             )
-        ]
-        grid = figures.case_grid(
-            cases["images"],
-            cases["masks"],
-            (cases["probabilities"] >= 0.5).astype(np.uint8),
-            titles,
-        )
-        return _figure_section(
-            f"cases_{key}",
-            f"Best, median and worst test images of {run['run_id']}",
-            grid,
-            figures_dir,
-            report,
-        )
     return ""
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import re
@@ -428,6 +429,7 @@ def load_study(
                             str(notebooks / NOTEBOOKS["train"]),
                             str(runs_dir / run_id),
                             parameters,
+                            device=str(parameters.get("device", "auto")),
                         )
                     )
 
@@ -564,8 +566,9 @@ class _ProgressPrinter:
     def __call__(self, event: str, spec: RunSpec, outcome: RunOutcome | None) -> None:
         prefix = f"[{self.index.get(spec.run_id, '?')}/{self.total}]"
         if event == "start":
+            where = f" on {spec.device}" if "device" in spec.parameters else ""
             threads = f", {spec.threads} threads" if spec.threads else ""
-            self.log(f"{prefix} start {spec.run_id} on {spec.device}{threads}")
+            self.log(f"{prefix} start {spec.run_id}{where}{threads}")
         elif outcome is not None:
             self.log(f"{prefix} {describe_end(outcome)}")
 
@@ -596,8 +599,11 @@ def run_study(
     log = log or _print_line
     check_kernel()
     check_study(study)
+    # In this process the runner's log also receives the per-epoch lines; dask workers
+    # print theirs (a log callable cannot travel to another process).
+    run_fn = functools.partial(execute_run, log=log) if executor == "local" else None
     executor_instance = make_executor(
-        executor, scheduler=scheduler, workers=workers, retries=retries
+        executor, scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn
     )
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     log(

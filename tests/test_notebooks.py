@@ -1,0 +1,210 @@
+"""The notebooks: paired .py/.ipynb in sync and committed without outputs, parameters cells
+that papermill reads completely, and every notebook executed under papermill with tiny
+parameters (synthetic data, 1 epoch, 16 images, CPU), its written files checked.
+
+01-04 run the way a study runs them: through the study runner on a tiny study file; 05
+then segments images with the checkpoint that study trained.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import jupytext
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from kernel_helpers import ensure_kernel
+from PIL import Image
+
+from egeunet import study
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+NAMES = [Path(name).stem for name in study.NOTEBOOKS.values()]
+
+
+def parameters_cell(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    return tagged[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pair_in_sync_and_without_outputs(name):
+    committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    from_script = jupytext.read(NOTEBOOKS / f"{name}.py")
+    assert [c.source for c in committed.cells] == [c.source for c in from_script.cells], (
+        f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py`"
+    )
+    assert [c.cell_type for c in committed.cells] == [c.cell_type for c in from_script.cells]
+    assert committed.metadata["kernelspec"]["name"] == study.KERNEL_NAME
+    for cell in committed.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs committed"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_are_independent_annotated_literals(name):
+    import papermill
+
+    cell = parameters_cell(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4))
+    statements = ast.parse(cell.source).body
+    for statement in statements:
+        assert isinstance(statement, ast.AnnAssign), f"{name}: {ast.unparse(statement)}"
+        ast.literal_eval(statement.value)  # a literal, independent of every other parameter
+    declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+    # papermill skips lines it cannot parse (an "=" in a comment, say) with only a warning
+    assert list(declared) == [s.target.id for s in statements]
+
+
+TINY_TRAIN = {
+    "image_size": 64,
+    "epochs": 1,
+    "batch_size": 4,
+    "max_train_images": 16,
+    "max_eval_images": 16,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """One run of the tiny study: 01 and 02 once, one 03 training run, 04 last."""
+    ensure_kernel()
+    root = tmp_path_factory.mktemp("tiny")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EGEUNET_CACHE", str(root / "cache"))  # the kernels inherit it
+    study_file = root / "tiny.yaml"
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "datasets": ["synthetic"],
+                "protocols": ["paper"],
+                "seeds": [3],
+                "variants": {"egeunet": {}},
+                "train": TINY_TRAIN,
+                "data_overview": {"image_size": 64, "num_examples": 4},
+                "complexity": {"image_size": 64, "variant_set": "published", "latency": False},
+                "report": {},
+            }
+        )
+    )
+    lines: list[str] = []
+    loaded = study.load_study(study_file, reports_root=root / "reports")
+    result = study.run_study(loaded, log=lines.append)
+    yield loaded, result, lines
+    patch.undo()
+
+
+def test_study_runs_every_notebook(tiny_study):
+    loaded, result, lines = tiny_study
+    assert [o.status for o in result.outcomes] == ["finished"] * 4, result.outcomes
+    assert [o.run_id for o in result.outcomes] == [
+        "01_data-synthetic",
+        "02_complexity",
+        "synthetic-paper-egeunet-seed3",
+        "04_report",
+    ]
+    for outcome in result.outcomes:
+        assert study.executed_notebook_path(loaded.runs_dir / outcome.run_id).is_file()
+    assert any("[synthetic-paper-egeunet-seed3] epoch 1/1" in line for line in lines)
+
+
+def test_01_data_writes_counts_and_figures(tiny_study):
+    loaded, _, _ = tiny_study
+    out = loaded.runs_dir / "01_data-synthetic"
+    summary = json.loads((out / "summary.json").read_text())
+    counts = pd.read_csv(out / "split_counts.csv")
+    assert summary["size"] == 64
+    challenge = counts[counts["split"] == "challenge"].set_index("part")["images"]
+    paper = counts[counts["split"] == "paper"].set_index("part")["images"]
+    assert summary["num_images"] == challenge.sum()
+    # the paper protocol pools the challenge train and val parts and splits them 7:3
+    assert paper.sum() == challenge["train"] + challenge["val"]
+    assert paper["train"] == round(0.7 * paper.sum())
+    images = pd.read_csv(out / "images.csv")
+    assert len(images) == summary["num_images"]
+    assert images["lesion_fraction"].between(0, 1).all() and images["lesion_fraction"].max() > 0
+    for stem in ("distributions", "examples"):
+        assert (out / f"{stem}.png").stat().st_size > 1000 and (out / f"{stem}.svg").is_file()
+
+
+def test_02_complexity_writes_the_published_counts(tiny_study):
+    loaded, _, _ = tiny_study
+    table = pd.read_csv(loaded.runs_dir / "02_complexity" / "complexity.csv")
+    assert list(table["variant"]) == ["egeunet"]
+    assert table["params_total"].iloc[0] == 53_374
+    assert (loaded.runs_dir / "02_complexity" / "params_vs_flops.png").is_file()
+
+
+def test_03_train_writes_a_run_folder(tiny_study):
+    loaded, _, _ = tiny_study
+    run = loaded.runs_dir / "synthetic-paper-egeunet-seed3"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "paper" and metrics["num_parameters"] == 53_374
+    assert 0.0 <= metrics["pooled"]["dsc"] <= 1.0
+    assert len(pd.read_csv(run / "history.csv")) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert "synthetic" in json.dumps(config) and (run / "checkpoints" / "best.pt").is_file()
+    cases = np.load(run / "cases.npz")
+    assert list(cases["labels"]) == ["best", "median", "worst"]
+    assert cases["images"].shape[1:] == (64, 64, 3)
+    per_image = pd.read_csv(run / "per_image.csv").set_index("id")
+    assert list(cases["scores"]) == pytest.approx(list(per_image.loc[list(cases["ids"]), "dsc"]))
+
+
+def test_04_report_is_built_from_the_runs(tiny_study):
+    loaded, _, _ = tiny_study
+    text = (loaded.study_dir / "REPORT.md").read_text()
+    assert "## 1. Main results" in text and "## 3. Complexity" in text
+    main = pd.read_csv(loaded.study_dir / "tables" / "main_results.csv")
+    run_metrics = json.loads(
+        (loaded.runs_dir / "synthetic-paper-egeunet-seed3" / "metrics.json").read_text()
+    )
+    dsc = main[(main["metric"] == "DSC") & (main["convention"] == "pooled")]["mean"].iloc[0]
+    assert dsc == pytest.approx(100 * run_metrics["pooled"]["dsc"])
+    assert (loaded.study_dir / "figures" / "cases_synthetic_paper.png").is_file()
+    assert (loaded.study_dir / "REPORT.html").read_text().count("<img") >= 4
+
+
+def test_05_inference_segments_a_folder(tiny_study, tmp_path):
+    import papermill
+
+    loaded, _, _ = tiny_study
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (80, 60)), ("b.jpg", (64, 64))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            images / name
+        )
+    (images / "broken.png").write_bytes(b"not an image")
+    output = tmp_path / "segmented"
+    checkpoint = loaded.runs_dir / "synthetic-paper-egeunet-seed3" / "checkpoints" / "best.pt"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "05_inference.ipynb"),
+        str(tmp_path / "05.ipynb"),
+        parameters={
+            "checkpoint": str(checkpoint),
+            "input_path": str(images),
+            "output_dir": str(output),
+            "threshold": 0.5,
+            "interactive": False,
+        },
+        kernel_name=study.KERNEL_NAME,
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
+    areas = pd.read_csv(output / "lesion_areas.csv").set_index("image")
+    assert set(areas.index) == {"a.png", "b.jpg"}
+    assert areas.loc["a.png", "total_pixels"] == 80 * 60
+    mask = np.asarray(Image.open(output / "a_mask.png"))
+    assert mask.shape == (60, 80)
+    assert areas.loc["a.png", "lesion_pixels"] == int((mask > 0).sum())
+    assert areas.loc["a.png", "lesion_fraction"] == pytest.approx((mask > 0).mean())
