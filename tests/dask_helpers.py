@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -84,3 +85,40 @@ def attempts_of(run_dir: str | Path) -> list[int]:
     """Process ids of every attempt that started the run."""
     path = Path(run_dir) / ATTEMPTS_FILE
     return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+KILL_MARKER_SUFFIX = ".kill-after-first-epoch"
+
+
+def kill_marker(run_dir: str | Path) -> Path:
+    """Beside a run folder: asks :func:`execute_run_killed_once` to kill that run's worker."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + KILL_MARKER_SUFFIX)
+
+
+def execute_run_killed_once(spec: RunSpec) -> RunOutcome:
+    """``egeunet.study.execute_run``, except that a run with a kill marker has its worker
+    process killed (SIGKILL) once its first epoch is saved; the marker is used up then."""
+    from egeunet.study import execute_run
+
+    marker = kill_marker(spec.run_dir)
+    claimed = marker.with_name(marker.name + ".used")
+    try:
+        marker.rename(claimed)
+    except FileNotFoundError:
+        return execute_run(spec)
+    watcher = threading.Thread(target=_kill_after_first_epoch, args=(Path(spec.run_dir),))
+    watcher.daemon = True
+    watcher.start()
+    return execute_run(spec)
+
+
+def _kill_after_first_epoch(run_dir: Path) -> None:
+    """Kill this process once the run folder has an epoch in history.csv and last.pt."""
+    history = run_dir / "history.csv"
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    while True:
+        rows = history.read_text().splitlines()[1:] if history.exists() else []
+        if rows and checkpoint.exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)

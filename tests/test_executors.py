@@ -2,24 +2,30 @@
 
 The cluster tests hand the executors a stand-in run function (tests/dask_helpers.py) that
 checkpoints after every "epoch" and resumes like a real run, so worker death and resume are
-tested in seconds; test_real_study_* (further down) drives execute_run itself.
+tested in seconds; test_real_study_* (at the end) drives execute_run and 03_train itself
+(about 1.5 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from dask_helpers import (
     DIED_MARKER,
     attempts_of,
+    execute_run_killed_once,
     expected_value,
     fake_training_run,
+    kill_marker,
 )
+from kernel_helpers import ensure_kernel
 
 from egeunet import executors
 from egeunet.executors import (
@@ -283,3 +289,75 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- a real synthetic study: papermill runs of 03_train through both executors -----------
+
+REAL_TRAIN = {
+    "image_size": 64,
+    "epochs": 2,
+    "batch_size": 4,
+    "max_train_images": 8,
+    "max_eval_images": 8,
+}
+TIMING_KEYS = {"train_seconds"}
+
+
+def real_study_specs(root: Path, reports: str, threads: int) -> list[RunSpec]:
+    """The four training runs of a tiny synthetic study (2 variants x 2 seeds), on the CPU
+    with ``threads`` torch threads (the same for both executors, so results can match)."""
+    from egeunet.study import load_study
+
+    study_file = root / "dask.yaml"
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "dask",
+                "datasets": ["synthetic"],
+                "protocols": ["paper"],
+                "seeds": [1, 2],
+                "variants": {"egeunet": {}, "unet": {"ghpa": False, "gab": False}},
+                "train": REAL_TRAIN,
+                "data_overview": False,
+                "complexity": False,
+                "report": False,
+            }
+        )
+    )
+    train = load_study(study_file, reports_root=root / reports).train
+    return [dataclasses.replace(spec, device="cpu", threads=threads) for spec in train]
+
+
+def comparable_metrics(run_dir: str) -> dict:
+    metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
+
+
+def test_real_study_on_dask_matches_local_even_with_a_worker_killed(tmp_path, monkeypatch):
+    ensure_kernel()
+    monkeypatch.setenv("EGEUNET_CACHE", str(tmp_path / "cache"))  # workers and kernels inherit it
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # what each of 2 workers gets
+    local_specs = real_study_specs(tmp_path, "local", threads)
+    dask_specs = real_study_specs(tmp_path, "dask", threads)
+    kill_marker(dask_specs[1].run_dir).parent.mkdir(parents=True, exist_ok=True)
+    kill_marker(dask_specs[1].run_dir).touch()
+
+    started = time.monotonic()
+    local = make_executor("local").run(local_specs)
+    local_seconds = time.monotonic() - started
+    log = EventLog()
+    started = time.monotonic()
+    with make_executor("dask", workers=2, retries=1, run_fn=execute_run_killed_once) as executor:
+        remote = executor.run(dask_specs, log)
+    dask_seconds = time.monotonic() - started
+    print(f"4 runs: local {local_seconds:.1f} s, dask (2 workers, one killed) {dask_seconds:.1f} s")
+
+    assert [o.status for o in local] == ["finished"] * 4, [o.error for o in local]
+    assert [o.status for o in remote] == ["finished"] * 4, [o.error for o in remote]
+    for local_spec, dask_spec in zip(local_specs, dask_specs, strict=True):
+        assert comparable_metrics(dask_spec.run_dir) == comparable_metrics(local_spec.run_dir)
+    killed = dask_specs[1]
+    assert log.of(killed.run_id) == [("start", None), ("start", None), ("end", "finished")]
+    recorded = json.loads(Path(killed.run_dir, "outcome.json").read_text())
+    assert recorded["parameters"]["resume"] is True  # the retry continued from last.pt
+    assert recorded["parameters"]["num_threads"] == threads
