@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from PIL import Image
 
 from egeunet import figures
 from egeunet.data import PreparedDataset
-from egeunet.fileio import write_json_atomic, write_text_atomic
+from egeunet.fileio import atomic_open, write_json_atomic, write_text_atomic
 
 SPLIT_PROTOCOLS = ("challenge", "paper")
+EXAMPLES_FOLDER = "example_images"
 
 
 def split_counts(prepared: PreparedDataset) -> pd.DataFrame:
@@ -48,9 +50,8 @@ def example_indices(count: int, total: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(total, size=min(count, total), replace=False))
 
 
-def example_grid(prepared: PreparedDataset, count: int = 8, seed: int = 0) -> Figure:
-    """Examples with their lesion masks overlaid."""
-    rows = example_indices(count, len(prepared), seed)
+def example_grid(prepared: PreparedDataset, rows: np.ndarray) -> Figure:
+    """The images at ``rows`` with their lesion masks overlaid."""
     return figures.overlay_grid(
         [prepared.images[i] for i in rows],
         [prepared.masks[i] for i in rows],
@@ -79,6 +80,7 @@ class DataOverview:
     images: pd.DataFrame
     distributions: Figure
     examples: Figure
+    example_rows: np.ndarray
 
     def summary(self) -> dict:
         fractions = self.images["lesion_fraction"]
@@ -117,16 +119,30 @@ class DataOverview:
         ]
         paths += figures.save_figure(self.distributions, output_dir / "distributions")
         paths += figures.save_figure(self.examples, output_dir / "examples")
+        paths += self.save_example_images(output_dir / EXAMPLES_FOLDER)
+        return paths
+
+    def save_example_images(self, folder: Path) -> list[Path]:
+        """The example images themselves (no overlay) as ``<id>.png``: inputs for trying
+        inference (``05_inference``) on images the model can be checked against."""
+        paths = []
+        for row in self.example_rows:
+            path = folder / f"{self.prepared.ids[row]}.png"
+            with atomic_open(path, "wb") as handle:
+                Image.fromarray(np.asarray(self.prepared.images[row])).save(handle, format="PNG")
+            paths.append(path)
         return paths
 
 
 def overview(prepared: PreparedDataset, num_examples: int = 8, seed: int = 0) -> DataOverview:
     """Everything ``01_data`` shows for ``prepared``."""
     images = image_table(prepared)
+    rows = example_indices(num_examples, len(prepared), seed)
     return DataOverview(
         prepared,
         split_counts(prepared),
         images,
         distributions(images),
-        example_grid(prepared, num_examples, seed),
+        example_grid(prepared, rows),
+        rows,
     )

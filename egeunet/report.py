@@ -35,7 +35,7 @@ from scipy import stats
 
 from egeunet import figures
 from egeunet.cases import case_figure
-from egeunet.fileio import write_text_atomic
+from egeunet.fileio import sha256_file, write_text_atomic
 from egeunet.model import EGEUNetConfig
 from egeunet.study import OUTCOME_FILE
 
@@ -187,7 +187,20 @@ def read_run(run_dir: str | Path) -> dict:
     row.update({f"pooled_{k}": v for k, v in metrics.get("pooled", {}).items()})
     row.update({f"image_{k}": v for k, v in metrics.get("per_image", {}).items()})
     row.update(_hashes(config_doc))
+    row.update(_split_hashes(config_doc.get("data_folder")))
     return row
+
+
+def _split_hashes(data_folder: str | None) -> dict[str, str]:
+    """SHA-256 of the split manifests (id lists) in the prepared folder a run used."""
+    if not data_folder:
+        return {}
+    found = {}
+    for name in ("challenge", "paper"):
+        path = Path(data_folder) / "splits" / f"{name}.json"
+        if path.is_file():
+            found[f"split_{name}_hash"] = sha256_file(path)
+    return found
 
 
 def run_folders(runs_dir: str | Path) -> list[Path]:

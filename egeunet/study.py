@@ -56,6 +56,7 @@ STUDY_KEYS = {
     "train",
     "data_overview",
     "complexity",
+    "inference",
     "report",
     "data_root",
 }
@@ -305,6 +306,7 @@ class Study:
     study_dir: Path
     overview: list[RunSpec]
     train: list[RunSpec]
+    inference: RunSpec | None
     report: RunSpec | None
 
     @property
@@ -342,9 +344,12 @@ def _list_of(document: dict, key: str, kind: type, path: Path) -> list:
     return value
 
 
-def _section(document: dict, key: str, path: Path) -> dict | None:
-    """An optional notebook section: a mapping of parameters, {} by default, None if false."""
-    value = document.get(key, {})
+def _section(
+    document: dict, key: str, path: Path, default: dict | bool | None = None
+) -> dict | None:
+    """An optional notebook section: a mapping of parameters, ``default`` ({} unless given)
+    when absent, None when false (the notebook does not run)."""
+    value = document.get(key, {} if default is None else default)
     if value is False:
         return None
     _require(isinstance(value, dict), path, f"{key}: expected a mapping of parameters or false")
@@ -458,6 +463,16 @@ def load_study(
                 run_id, str(notebooks / NOTEBOOKS["complexity"]), str(runs_dir / run_id), parameters
             )
         )
+    inference = _inference_spec(
+        # on by default when 01_data provides example images to segment
+        _section(document, "inference", path, default=data_section is not None and {}),
+        path,
+        notebooks,
+        runs_dir,
+        examples=(runs_dir / f"01_data-{datasets[0]}") if data_section is not None else None,
+        variants=variants,
+        first=(datasets[0], protocols[0], seeds[0]),
+    )
     report = None
     report_section = _section(document, "report", path)
     if report_section is not None:
@@ -466,7 +481,53 @@ def load_study(
         report = RunSpec(
             run_id, str(notebooks / NOTEBOOKS["report"]), str(runs_dir / run_id), parameters
         )
-    return Study(name, path, study_dir, overview, train, report)
+    return Study(name, path, study_dir, overview, train, inference, report)
+
+
+def _inference_spec(
+    section: dict | None,
+    path: Path,
+    notebooks: Path,
+    runs_dir: Path,
+    examples: Path | None,
+    variants: dict,
+    first: tuple[str, str, int],
+) -> RunSpec | None:
+    """05_inference on the checkpoint of one training run (the first dataset, protocol and
+    seed of ``section["variant"]``, default ``egeunet`` or the first variant), segmenting
+    ``section["input_path"]`` (relative to the study file) or 01_data's example images."""
+    from egeunet.data_overview import EXAMPLES_FOLDER
+
+    if section is None:
+        return None
+    variant = section.pop("variant", "egeunet" if "egeunet" in variants else next(iter(variants)))
+    _require(variant in variants, path, f"inference.variant: {variant!r} is not a variant here")
+    dataset, protocol, seed = first
+    source_run = f"{dataset}-{protocol}-{variant}-seed{seed}"
+    if "input_path" in section:
+        input_path = (path.parent / str(section.pop("input_path"))).resolve()
+    else:
+        _require(
+            examples is not None,
+            path,
+            "inference: give input_path, or keep data_overview for its example images",
+        )
+        input_path = examples / EXAMPLES_FOLDER
+    run_dir = runs_dir / "05_inference"
+    parameters = {
+        **section,
+        "checkpoint": str(runs_dir / source_run / "checkpoints" / "best.pt"),
+        "input_path": str(input_path),
+        "output_dir": str(run_dir),
+        "interactive": False,
+    }
+    return RunSpec(
+        "05_inference",
+        str(notebooks / NOTEBOOKS["inference"]),
+        str(run_dir),
+        parameters,
+        device=str(parameters.get("device", "auto")),
+    )
 
 
 # ---------------------------------------------------------------- parameter checks
@@ -506,7 +567,8 @@ def check_parameters(spec: RunSpec, declared: dict[str, dict], source: Path) -> 
 def check_study(study: Study) -> None:
     """Check every run's parameters against its notebook before anything launches."""
     declared: dict[str, dict[str, dict]] = {}
-    specs = [*study.overview, *study.train, *([study.report] if study.report else [])]
+    extras = [spec for spec in (study.inference, study.report) if spec is not None]
+    specs = [*study.overview, *study.train, *extras]
     for spec in specs:
         if spec.notebook not in declared:
             if not Path(spec.notebook).is_file():
@@ -613,8 +675,9 @@ def run_study(
     outcomes = _run_locally(study.overview, log)
     with executor_instance:
         outcomes += executor_instance.run(study.train, on_event=_ProgressPrinter(study.train, log))
-    if study.report is not None:
-        outcomes += _run_locally([study.report], log, force=True)
+    # Inference and the report always run again: the runs they read may have changed.
+    extras = [spec for spec in (study.inference, study.report) if spec is not None]
+    outcomes += _run_locally(extras, log, force=True)
     result = StudyResult(study, outcomes)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
     log(

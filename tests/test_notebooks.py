@@ -74,12 +74,20 @@ TINY_TRAIN = {
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """One run of the tiny study: 01 and 02 once, one 03 training run, 04 last."""
+    """One run of the tiny study: 01 and 02 once, one 03 training run, 05 on a folder of
+    the user's images (two readable, one broken) with that run's checkpoint, 04 last."""
     ensure_kernel()
     root = tmp_path_factory.mktemp("tiny")
     patch = pytest.MonkeyPatch()
     patch.setenv("EGEUNET_CACHE", str(root / "cache"))  # the kernels inherit it
     study_file = root / "tiny.yaml"
+    user_images = root / "user_images"
+    user_images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (width, height) in (("a.png", (80, 60)), ("b.jpg", (64, 64))):
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(user_images / name)
+    (user_images / "broken.png").write_bytes(b"not an image")
     study_file.write_text(
         yaml.safe_dump(
             {
@@ -91,6 +99,7 @@ def tiny_study(tmp_path_factory):
                 "train": TINY_TRAIN,
                 "data_overview": {"image_size": 64, "num_examples": 4},
                 "complexity": {"image_size": 64, "variant_set": "published", "latency": False},
+                "inference": {"input_path": "user_images", "threshold": 0.5},
                 "report": {},
             }
         )
@@ -104,11 +113,12 @@ def tiny_study(tmp_path_factory):
 
 def test_study_runs_every_notebook(tiny_study):
     loaded, result, lines = tiny_study
-    assert [o.status for o in result.outcomes] == ["finished"] * 4, result.outcomes
+    assert [o.status for o in result.outcomes] == ["finished"] * 5, result.outcomes
     assert [o.run_id for o in result.outcomes] == [
         "01_data-synthetic",
         "02_complexity",
         "synthetic-paper-egeunet-seed3",
+        "05_inference",
         "04_report",
     ]
     for outcome in result.outcomes:
@@ -170,41 +180,50 @@ def test_04_report_is_built_from_the_runs(tiny_study):
     dsc = main[(main["metric"] == "DSC") & (main["convention"] == "pooled")]["mean"].iloc[0]
     assert dsc == pytest.approx(100 * run_metrics["pooled"]["dsc"])
     assert (loaded.study_dir / "figures" / "cases_synthetic_paper.png").is_file()
+    runs = pd.read_csv(loaded.study_dir / "tables" / "runs.csv")
+    assert runs["split_paper_hash"].str.fullmatch("[0-9a-f]{64}").all()
+    assert runs["data_manifest_hash"].iloc[0] in text
     assert (loaded.study_dir / "REPORT.html").read_text().count("<img") >= 4
 
 
-def test_05_inference_segments_a_folder(tiny_study, tmp_path):
-    import papermill
-
+def test_05_inference_segments_a_folder(tiny_study):
     loaded, _, _ = tiny_study
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for name, size in (("a.png", (80, 60)), ("b.jpg", (64, 64))):
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
-            images / name
-        )
-    (images / "broken.png").write_bytes(b"not an image")
-    output = tmp_path / "segmented"
-    checkpoint = loaded.runs_dir / "synthetic-paper-egeunet-seed3" / "checkpoints" / "best.pt"
-    papermill.execute_notebook(
-        str(NOTEBOOKS / "05_inference.ipynb"),
-        str(tmp_path / "05.ipynb"),
-        parameters={
-            "checkpoint": str(checkpoint),
-            "input_path": str(images),
-            "output_dir": str(output),
-            "threshold": 0.5,
-            "interactive": False,
-        },
-        kernel_name=study.KERNEL_NAME,
-        progress_bar=False,
-        cwd=str(tmp_path),
-    )
+    output = loaded.runs_dir / "05_inference"
     areas = pd.read_csv(output / "lesion_areas.csv").set_index("image")
-    assert set(areas.index) == {"a.png", "b.jpg"}
+    assert set(areas.index) == {"a.png", "b.jpg"}  # broken.png reported and skipped
+    assert json.loads((output / "summary.json").read_text())["failed"]
     assert areas.loc["a.png", "total_pixels"] == 80 * 60
     mask = np.asarray(Image.open(output / "a_mask.png"))
-    assert mask.shape == (60, 80)
+    assert mask.shape == (60, 80)  # the image's own size, not the model's
     assert areas.loc["a.png", "lesion_pixels"] == int((mask > 0).sum())
     assert areas.loc["a.png", "lesion_fraction"] == pytest.approx((mask > 0).mean())
+    assert (output / "a_overlay.png").is_file()
+
+
+def test_lesion_explorer_follows_the_threshold(tiny_study):
+    import io
+
+    from egeunet.lesion import LesionExplorer, Segmenter, interactive_view
+
+    loaded, _, _ = tiny_study
+    checkpoint = loaded.runs_dir / "synthetic-paper-egeunet-seed3" / "checkpoints" / "best.pt"
+    explorer = LesionExplorer(Segmenter(checkpoint, "cpu"), threshold=0.5, pixel_size_mm=0.1)
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(buffer, "PNG")
+    explorer.load("upload.png", buffer.getvalue())
+    assert explorer.probability.shape == (50, 70)
+    for threshold in (0.05, 0.5, 0.95):
+        explorer.threshold = threshold
+        area = explorer.area()
+        expected = int((explorer.probability >= threshold).sum())
+        assert area["lesion_pixels"] == expected and area["total_pixels"] == 3500
+        assert area["lesion_area_mm2"] == pytest.approx(expected * 0.01)
+    explorer.threshold = 0.05
+    low = explorer.area()["lesion_pixels"]
+    explorer.threshold = 0.95
+    assert explorer.area()["lesion_pixels"] <= low
+    assert explorer.figure() is not None
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        explorer.load("broken.png", b"not an image")
+    assert interactive_view(explorer) is not None  # the widgets build without a front end

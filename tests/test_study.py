@@ -264,3 +264,30 @@ def test_check_flag_runs_nothing(tmp_path, notebooks):
     assert result.returncode == 0, result.stderr
     assert "3 training runs, parameters OK" in result.stdout
     assert not (tmp_path / "reports").exists()
+
+
+def test_inference_uses_the_full_models_first_run_and_the_data_examples(tmp_path):
+    path = write_study_file(
+        tmp_path / "inf.yaml",
+        variants={"unet": {"ghpa": False}, "egeunet": {}},
+        data_overview={},
+        inference={"threshold": 0.4},
+    )
+    loaded = study.load_study(path, reports_root=tmp_path / "r")
+    runs = tmp_path.resolve() / "r" / "tiny" / "runs"
+    assert loaded.inference.parameters == {
+        "threshold": 0.4,
+        "checkpoint": str(runs / "synthetic-paper-egeunet-seed1" / "checkpoints" / "best.pt"),
+        "input_path": str(runs / "01_data-synthetic" / "example_images"),
+        "output_dir": str(runs / "05_inference"),
+        "interactive": False,
+    }
+    with pytest.raises(ValueError, match="inference: give input_path"):
+        study.load_study(
+            write_study_file(tmp_path / "no.yaml", inference={}), reports_root=tmp_path
+        )
+    with pytest.raises(ValueError, match=r"inference\.variant: 'big'"):
+        study.load_study(
+            write_study_file(tmp_path / "v.yaml", inference={"variant": "big"}),
+            reports_root=tmp_path,
+        )
