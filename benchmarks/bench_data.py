@@ -7,8 +7,8 @@
    augmented batches of 8 at 256 px (target: < 10 %), for 0 and 2 loader workers.
 
 Options: ``--data PATH`` (default: ../shared/data beside the repository), ``--batches N``
-(training steps measured per setting, default 40), ``--isic2018`` to also time the 2594
-ISIC 2018 pairs at 512x512.
+(training steps measured per setting, default 12), ``--isic2018`` to also time the 2594
+ISIC 2018 pairs at 512x512, ``--skip-loader`` to leave out the (slow) training part.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--isic2018", action="store_true")
+    parser.add_argument("--skip-loader", action="store_true")
     args = parser.parse_args()
     if not (args.data / "isic2017").is_dir():
         print(f"no ISIC 2017 data at {args.data}", file=sys.stderr)
@@ -43,7 +44,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         prepared = bench_prepare(args.data, Path(scratch), args.isic2018)
         bench_synthetic(Path(scratch))
-        for workers in (0, 2):
+        for workers in () if args.skip_loader else (0, 2):
             bench_loader_wait(prepared, workers, args.batches)
     return 0
 
