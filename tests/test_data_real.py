@@ -58,11 +58,12 @@ def test_isic2017_rerun_is_a_no_op(isic2017, shared_data):
     assert again.manifest["created"] == created
 
 
-def test_isic2018_sample_prepares_47_pairs(shared_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("EGEUNET_CACHE", str(tmp_path / "cache"))
-    # The shared folder is read-only, so the cache goes to $EGEUNET_CACHE.
-    prepared = get_prepared("isic2018", shared_data / "isic2018_sample", size=64)
-    assert prepared.root.parent == tmp_path / "cache"
+def test_isic2018_sample_prepares_47_pairs(shared_data, tmp_path):
+    # An explicit cache_dir: the shared data must never be written to, whatever its mode.
+    prepared = get_prepared(
+        "isic2018", shared_data / "isic2018_sample", size=64, cache_dir=tmp_path
+    )
+    assert prepared.root == tmp_path / "isic2018-64"
     assert len(prepared) == 47
     assert prepared.ids[0] == "ISIC_0000000" and all(ISIC_ID.match(s) for s in prepared.ids)
     assert prepared.original_sizes.tolist() == [[224, 320]] * 47
