@@ -535,6 +535,26 @@ def _figure_section(name: str, title: str, figure, figures_dir: Path, report: Re
     return f"![{title}](figures/{paths[0].name})\n\n*{title}* ([SVG](figures/{paths[1].name}))\n"
 
 
+def data_overview_table(runs_dir: Path) -> pd.DataFrame:
+    """Images per split part of every dataset ``01_data`` summarised for the study."""
+    rows = []
+    for folder in sorted(runs_dir.glob("01_data-*")):
+        summary_path = folder / "summary.json"
+        if summary_path.is_file():
+            summary = _read_json(summary_path)
+            row = {
+                "dataset": summary["dataset"],
+                "images": summary["num_images"],
+                "size": summary["size"],
+            }
+            row.update(summary.get("splits", {}))
+            fractions = summary.get("lesion_fraction", {})
+            if "median" in fractions:
+                row["median lesion share"] = f"{100 * fractions['median']:.1f}%"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _setup_section(runs: pd.DataFrame, study_name: str) -> str:
     lines = [
         f"- Study: `{study_name}`; {len(runs)} finished run(s).",
@@ -692,6 +712,9 @@ def build_report(
     )
 
     parts = [f"# Study report: {study_name}\n", "## Setup\n", _setup_section(runs, study_name)]
+    data = data_overview_table(runs_dir)
+    if not data.empty:
+        parts += ["\nImages per split (from `01_data`):\n", markdown_table(data.fillna("–"))]
     if not failures.empty:
         parts += ["## Failed runs\n", markdown_table(failures)]
     if runs.empty:

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import os
 import re
@@ -374,6 +375,148 @@ def read_study_document(path: str | Path) -> dict:
     return document
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a study's pieces are: its file, the notebooks, its runs and its data."""
+
+    source: Path
+    notebooks: Path
+    runs_dir: Path
+    data_root: str
+
+    def spec(self, run_id: str, notebook: str, parameters: dict) -> RunSpec:
+        """A RunSpec for ``NOTEBOOKS[notebook]`` in ``runs/<run_id>``."""
+        _require(
+            bool(SAFE_NAME.match(run_id)),
+            self.source,
+            f"run id {run_id!r} is not a safe folder name; rename the variant",
+        )
+        return RunSpec(
+            run_id,
+            str(self.notebooks / NOTEBOOKS[notebook]),
+            str(self.runs_dir / run_id),
+            parameters,
+            device=str(parameters.get("device", "auto")),
+        )
+
+    def dataset_root(self, dataset: str) -> str:
+        """A dataset's own folder: ``<data_root>/<dataset>`` when it exists (one data
+        folder for several datasets), else the data root itself; "" when there is none."""
+        if self.data_root and (Path(self.data_root) / dataset).is_dir():
+            return str(Path(self.data_root) / dataset)
+        return self.data_root
+
+
+def training_run_id(dataset: str, protocol: str, variant: str, seed: int) -> str:
+    return f"{dataset}-{protocol}-{variant}-seed{seed}"
+
+
+def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
+    """03_train once per dataset x protocol x variant x seed."""
+    path = layout.source
+    datasets = _list_of(document, "datasets", str, path)
+    protocols = _list_of(document, "protocols", str, path)
+    seeds = _list_of(document, "seeds", int, path)
+    variants = document["variants"]
+    _require(
+        isinstance(variants, dict) and bool(variants),
+        path,
+        "variants: expected a mapping of variant name -> parameters",
+    )
+    shared = _section(document, "train", path) or {}
+    specs = []
+    for dataset, protocol, (variant, overrides), seed in itertools.product(
+        datasets, protocols, variants.items(), seeds
+    ):
+        _require(
+            isinstance(overrides, dict | None),
+            path,
+            f"variants.{variant}: expected a mapping of parameters",
+        )
+        run_id = training_run_id(dataset, protocol, variant, seed)
+        parameters = {
+            **shared,
+            **(overrides or {}),
+            "dataset": dataset,
+            "data_root": layout.dataset_root(dataset),
+            "protocol": protocol,
+            "seed": seed,
+            "run_dir": str(layout.runs_dir / run_id),
+        }
+        specs.append(layout.spec(run_id, "train", parameters))
+    return specs
+
+
+def _overview_specs(document: dict, layout: _Layout) -> list[RunSpec]:
+    """01_data once per dataset and 02_complexity once, unless switched off."""
+    specs = []
+    data_section = _section(document, "data_overview", layout.source)
+    if data_section is not None:
+        for dataset in document["datasets"]:
+            run_id = f"01_data-{dataset}"
+            parameters = {
+                **data_section,
+                "dataset": dataset,
+                "data_root": layout.dataset_root(dataset),
+                "output_dir": str(layout.runs_dir / run_id),
+            }
+            specs.append(layout.spec(run_id, "data", parameters))
+    complexity_section = _section(document, "complexity", layout.source)
+    if complexity_section is not None:
+        run_id = "02_complexity"
+        parameters = {**complexity_section, "output_dir": str(layout.runs_dir / run_id)}
+        specs.append(layout.spec(run_id, "complexity", parameters))
+    return specs
+
+
+def _inference_spec(document: dict, layout: _Layout, has_examples: bool) -> RunSpec | None:
+    """05_inference on the checkpoint of the first dataset, protocol and seed of the
+    section's ``variant`` (default ``egeunet``, else the first variant), segmenting its
+    ``input_path`` (relative to the study file) or 01_data's example images. On by default
+    when 01_data runs."""
+    from egeunet.data_overview import EXAMPLES_FOLDER
+
+    path = layout.source
+    section = _section(document, "inference", path, default={} if has_examples else False)
+    if section is None:
+        return None
+    variants = document["variants"]
+    variant = section.pop("variant", "egeunet" if "egeunet" in variants else next(iter(variants)))
+    _require(variant in variants, path, f"inference.variant: {variant!r} is not a variant here")
+    dataset = _list_of(document, "datasets", str, path)[0]
+    source_run = training_run_id(
+        dataset,
+        _list_of(document, "protocols", str, path)[0],
+        variant,
+        _list_of(document, "seeds", int, path)[0],
+    )
+    if "input_path" in section:
+        input_path = (path.parent / str(section.pop("input_path"))).resolve()
+    else:
+        _require(
+            has_examples,
+            path,
+            "inference: give input_path, or keep data_overview for its example images",
+        )
+        input_path = layout.runs_dir / f"01_data-{dataset}" / EXAMPLES_FOLDER
+    parameters = {
+        **section,
+        "checkpoint": str(layout.runs_dir / source_run / "checkpoints" / "best.pt"),
+        "input_path": str(input_path),
+        "output_dir": str(layout.runs_dir / "05_inference"),
+        "interactive": False,
+    }
+    return layout.spec("05_inference", "inference", parameters)
+
+
+def _report_spec(document: dict, layout: _Layout, study_dir: Path, name: str) -> RunSpec | None:
+    section = _section(document, "report", layout.source)
+    if section is None:
+        return None
+    parameters = {**section, "study_dir": str(study_dir), "study_name": name}
+    return layout.spec("04_report", "report", parameters)
+
+
 def load_study(
     path: str | Path,
     data_root: str | Path | None = None,
@@ -387,147 +530,20 @@ def load_study(
     name = str(document["name"])
     _require(bool(SAFE_NAME.match(name)), path, f"name: {name!r} is not a safe folder name")
     if data_root is None and document.get("data_root"):
-        data_root = (path.parent / str(document["data_root"])).resolve()
-    root = str(Path(data_root).resolve()) if data_root else ""
-    notebooks = Path(notebooks) if notebooks else notebooks_dir()
+        data_root = path.parent / str(document["data_root"])
     study_dir = (Path(reports_root) / name).resolve()
-    runs_dir = study_dir / "runs"
-    datasets = _list_of(document, "datasets", str, path)
-    protocols = _list_of(document, "protocols", str, path)
-    seeds = _list_of(document, "seeds", int, path)
-    variants = document["variants"]
-    _require(
-        isinstance(variants, dict) and bool(variants),
-        path,
-        "variants: expected a mapping of variant name -> parameters",
+    layout = _Layout(
+        source=path,
+        notebooks=Path(notebooks) if notebooks else notebooks_dir(),
+        runs_dir=study_dir / "runs",
+        data_root=str(Path(data_root).resolve()) if data_root else "",
     )
-    train_common = _section(document, "train", path) or {}
-
-    train = []
-    for dataset in datasets:
-        for protocol in protocols:
-            for variant, overrides in variants.items():
-                _require(
-                    isinstance(overrides, dict | None),
-                    path,
-                    f"variants.{variant}: expected a mapping of parameters",
-                )
-                for seed in seeds:
-                    run_id = f"{dataset}-{protocol}-{variant}-seed{seed}"
-                    _require(
-                        bool(SAFE_NAME.match(run_id)),
-                        path,
-                        f"run id {run_id!r} is not a safe folder name; rename the variant",
-                    )
-                    parameters = {
-                        **train_common,
-                        **(overrides or {}),
-                        "dataset": dataset,
-                        "data_root": root,
-                        "protocol": protocol,
-                        "seed": seed,
-                        "run_dir": str(runs_dir / run_id),
-                    }
-                    train.append(
-                        RunSpec(
-                            run_id,
-                            str(notebooks / NOTEBOOKS["train"]),
-                            str(runs_dir / run_id),
-                            parameters,
-                            device=str(parameters.get("device", "auto")),
-                        )
-                    )
-
-    overview = []
-    data_section = _section(document, "data_overview", path)
-    if data_section is not None:
-        for dataset in datasets:
-            run_id = f"01_data-{dataset}"
-            parameters = {
-                **data_section,
-                "dataset": dataset,
-                "data_root": root,
-                "output_dir": str(runs_dir / run_id),
-            }
-            overview.append(
-                RunSpec(
-                    run_id, str(notebooks / NOTEBOOKS["data"]), str(runs_dir / run_id), parameters
-                )
-            )
-    complexity_section = _section(document, "complexity", path)
-    if complexity_section is not None:
-        run_id = "02_complexity"
-        parameters = {**complexity_section, "output_dir": str(runs_dir / run_id)}
-        overview.append(
-            RunSpec(
-                run_id, str(notebooks / NOTEBOOKS["complexity"]), str(runs_dir / run_id), parameters
-            )
-        )
-    inference = _inference_spec(
-        # on by default when 01_data provides example images to segment
-        _section(document, "inference", path, default=data_section is not None and {}),
-        path,
-        notebooks,
-        runs_dir,
-        examples=(runs_dir / f"01_data-{datasets[0]}") if data_section is not None else None,
-        variants=variants,
-        first=(datasets[0], protocols[0], seeds[0]),
-    )
-    report = None
-    report_section = _section(document, "report", path)
-    if report_section is not None:
-        run_id = "04_report"
-        parameters = {**report_section, "study_dir": str(study_dir), "study_name": name}
-        report = RunSpec(
-            run_id, str(notebooks / NOTEBOOKS["report"]), str(runs_dir / run_id), parameters
-        )
+    train = _training_specs(document, layout)
+    overview = _overview_specs(document, layout)
+    has_examples = any(spec.run_id.startswith("01_data-") for spec in overview)
+    inference = _inference_spec(document, layout, has_examples)
+    report = _report_spec(document, layout, study_dir, name)
     return Study(name, path, study_dir, overview, train, inference, report)
-
-
-def _inference_spec(
-    section: dict | None,
-    path: Path,
-    notebooks: Path,
-    runs_dir: Path,
-    examples: Path | None,
-    variants: dict,
-    first: tuple[str, str, int],
-) -> RunSpec | None:
-    """05_inference on the checkpoint of one training run (the first dataset, protocol and
-    seed of ``section["variant"]``, default ``egeunet`` or the first variant), segmenting
-    ``section["input_path"]`` (relative to the study file) or 01_data's example images."""
-    from egeunet.data_overview import EXAMPLES_FOLDER
-
-    if section is None:
-        return None
-    variant = section.pop("variant", "egeunet" if "egeunet" in variants else next(iter(variants)))
-    _require(variant in variants, path, f"inference.variant: {variant!r} is not a variant here")
-    dataset, protocol, seed = first
-    source_run = f"{dataset}-{protocol}-{variant}-seed{seed}"
-    if "input_path" in section:
-        input_path = (path.parent / str(section.pop("input_path"))).resolve()
-    else:
-        _require(
-            examples is not None,
-            path,
-            "inference: give input_path, or keep data_overview for its example images",
-        )
-        input_path = examples / EXAMPLES_FOLDER
-    run_dir = runs_dir / "05_inference"
-    parameters = {
-        **section,
-        "checkpoint": str(runs_dir / source_run / "checkpoints" / "best.pt"),
-        "input_path": str(input_path),
-        "output_dir": str(run_dir),
-        "interactive": False,
-    }
-    return RunSpec(
-        "05_inference",
-        str(notebooks / NOTEBOOKS["inference"]),
-        str(run_dir),
-        parameters,
-        device=str(parameters.get("device", "auto")),
-    )
 
 
 # ---------------------------------------------------------------- parameter checks

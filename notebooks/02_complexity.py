@@ -20,6 +20,7 @@
 image_size: int = 256  # square input side for the counts (the paper uses 256)
 variant_set: str = "all"  # all (switches and branch ablations), switches, or published
 latency: bool = True  # measure CPU latency at batch 1 and 8 (slower)
+latency_repeats: int = 10  # timed forward passes per latency figure (after 3 warm-up passes)
 num_threads: int = 0  # torch threads for the latency; 0 for torch's default
 output_dir: str = ""  # where the table and figure are written; "" to only show them
 
@@ -44,7 +45,9 @@ variant_sets = {
 if variant_set not in variant_sets:
     raise ValueError(f"variant_set: {variant_set!r} is not one of {sorted(variant_sets)}")
 variants = variant_sets[variant_set]
-table = complexity.complexity_table(size=image_size, variants=variants, latency=latency)
+table = complexity.complexity_table(
+    size=image_size, variants=variants, latency=latency, repeats=latency_repeats
+)
 print(complexity.conventions_header(image_size))
 table
 

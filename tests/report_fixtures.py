@@ -129,6 +129,24 @@ def write_study(study_dir: Path) -> Path:
             {"run_id": failed.name, "status": "failed", "error": "RuntimeError: out of memory"}
         )
     )
+    data_dir = runs_dir / "01_data-isic2017"
+    data_dir.mkdir()
+    (data_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "dataset": "isic2017",
+                "num_images": 2150,
+                "size": 256,
+                "splits": {
+                    "challenge/train": 2000,
+                    "challenge/val": 150,
+                    "paper/train": 1500,
+                    "paper/test": 650,
+                },
+                "lesion_fraction": {"median": 0.2},
+            }
+        )
+    )
     (runs_dir / "02_complexity").mkdir()
     pd.DataFrame(
         {

@@ -72,6 +72,7 @@ def test_markdown_html_and_latex(built):
     assert "RuntimeError: out of memory" in text
     assert "89.00 ± 1.00" in text and "88.77" in text
     assert MANIFEST_HASH in text
+    assert "| isic2017 | 2150 | 256 | 2000 | 150 | 1500 | 650 | 20.0% |" in text
     html = report.html_path.read_text()
     assert "<table>" in html and "<img" in html and "89.00 ± 1.00" in html
     latex = (study_dir / "tables" / "ablation.tex").read_text()

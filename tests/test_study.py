@@ -214,13 +214,16 @@ def test_study_specs_cover_the_product_with_stable_ids(tmp_path):
         seeds=[1, 2],
         variants={"unet": {"ghpa": False}, "egeunet": {}},
     )
+    (tmp_path / "data" / "isic2018").mkdir(parents=True)  # one dataset in its own subfolder
     loaded = study.load_study(path, data_root=tmp_path / "data", reports_root=tmp_path / "r")
     ids = [spec.run_id for spec in loaded.train]
     assert len(ids) == len(set(ids)) == 16
     assert "isic2018-clean-unet-seed2" in ids
     spec = next(s for s in loaded.train if s.run_id == "isic2018-clean-unet-seed2")
     assert spec.parameters["ghpa"] is False and spec.parameters["seed"] == 2
-    assert spec.parameters["data_root"] == str((tmp_path / "data").resolve())
+    assert spec.parameters["data_root"] == str((tmp_path / "data" / "isic2018").resolve())
+    other = next(s for s in loaded.train if s.run_id == "isic2017-clean-unet-seed2")
+    assert other.parameters["data_root"] == str((tmp_path / "data").resolve())
     assert spec.run_dir == str(
         (tmp_path / "r" / "tiny" / "runs" / "isic2018-clean-unet-seed2").resolve()
     )
