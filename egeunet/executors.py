@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import logging
 import os
 import queue
@@ -39,6 +40,7 @@ EXECUTOR_KINDS = ("local", "dask")
 
 RunFunction = Callable[["RunSpec"], "RunOutcome"]
 EventHandler = Callable[[str, "RunSpec", "RunOutcome | None"], None]
+Log = Callable[[str], None]
 
 #: Seconds the dask executor waits for news (a run starting or ending) before checking again.
 POLL_SECONDS = 0.2
@@ -52,6 +54,7 @@ def make_executor(
     workers: int | None = None,
     retries: int = 1,
     run_fn: RunFunction | None = None,
+    log: Log | None = None,
 ) -> Executor:
     """Build the executor a study runs on.
 
@@ -67,6 +70,9 @@ def make_executor(
         run_fn: the function that carries out one run; default
             :func:`egeunet.study.execute_run`. For dask it must be a picklable top-level
             function importable on the workers.
+        log: where the dask executor writes the progress lines a run prints on its worker
+            (a ``run_fn`` taking a ``log`` argument, like execute_run, sends them here);
+            default: print them.
 
     Raises:
         ValueError: for an unknown kind or a bad combination of arguments, naming it.
@@ -91,7 +97,9 @@ def make_executor(
             "executor: give either --scheduler (an existing cluster, which has its own workers) "
             "or --workers (a LocalCluster started here), not both"
         )
-    return DaskExecutor(scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn)
+    return DaskExecutor(
+        scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn, log=log
+    )
 
 
 class Executor(abc.ABC):
@@ -162,7 +170,8 @@ class DaskExecutor(Executor):
     Events: ``"start"`` fires when a worker actually starts a run (workers publish it as a
     dask event that this client subscribes to), so a run started again after its worker
     died gets a second ``"start"``. ``"end"`` fires as each run finishes (as_completed).
-    Both are called in the thread that called :meth:`run`.
+    Both are called in the thread that called :meth:`run`. Progress lines a run writes on
+    its worker (per epoch) travel the same way and go to ``log``.
 
     Worker death: the scheduler's ``allowed_failures`` is set to ``retries``, so a run whose
     worker died is started again on a worker (it resumes from its run folder); once retries
@@ -178,11 +187,13 @@ class DaskExecutor(Executor):
         workers: int | None = None,
         retries: int = 1,
         run_fn: RunFunction | None = None,
+        log: Log | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.workers = workers
         self.retries = retries
         self._run_fn = run_fn
+        self._log = log or _print_line
         self._cluster: LocalCluster | None = None
         self._client: Client | None = None
         self._previous_allowed_failures: int | None = None
@@ -250,10 +261,10 @@ class DaskExecutor(Executor):
 
         client = self.client
         run_fn = self._run_fn or default_run_function()
-        topic = f"egeunet-run-start-{uuid.uuid4().hex}"
-        starts: queue.SimpleQueue = queue.SimpleQueue()
-        client.subscribe_topic(topic, starts.put)
-        relay = _EventRelay(specs, on_event or _ignore_event)
+        topic = f"egeunet-runs-{uuid.uuid4().hex}"
+        news: queue.SimpleQueue = queue.SimpleQueue()
+        client.subscribe_topic(topic, news.put)
+        relay = _EventRelay(specs, on_event or _ignore_event, self._log)
         waiting = deque(range(len(specs)))
         in_flight: dict[str, tuple[int, float, Future]] = {}
         # Results are fetched as soon as a run ends, so a finished run's outcome is not lost
@@ -272,9 +283,9 @@ class DaskExecutor(Executor):
                     in_flight[key] = (index, time.monotonic(), future)
                     finished.add(future)
                     free_slots -= 1
-                _relay_starts(starts, relay, wait=POLL_SECONDS)
+                _relay_news(news, relay, wait=POLL_SECONDS)
                 for future, result in finished.next_batch(block=False):
-                    _relay_starts(starts, relay, wait=0)
+                    _relay_news(news, relay, wait=0)
                     index, submitted, _ = in_flight.pop(future.key)
                     placed, outcome = self._outcome_of(future, result, relay.spec(index), submitted)
                     outcomes[index] = outcome
@@ -377,13 +388,25 @@ def place_spec(spec: RunSpec, placement: Placement) -> RunSpec:
 def run_on_worker(
     run_fn: RunFunction, spec: RunSpec, index: int, topic: str
 ) -> tuple[RunSpec, RunOutcome]:
-    """The dask task for one run: place the spec on this worker, announce the start, run it."""
+    """The dask task for one run: place the spec on this worker, announce the start, run it.
+
+    Announcements and progress lines go to the client as dask events on ``topic``.
+    """
     from distributed import get_worker
 
     worker = get_worker()
     placed = place_spec(spec, _placement_of(worker))
-    worker.log_event(topic, {"index": index, "threads": placed.threads, "device": placed.device})
-    return placed, run_fn(placed)
+    worker.log_event(
+        topic,
+        {"index": index, "kind": "start", "threads": placed.threads, "device": placed.device},
+    )
+    if "log" not in inspect.signature(run_fn).parameters:
+        return placed, run_fn(placed)
+
+    def send_line(line: str) -> None:  # called from the run's own threads too: log_event is safe
+        worker.log_event(topic, {"index": index, "kind": "line", "line": str(line)})
+
+    return placed, run_fn(placed, log=send_line)
 
 
 def describe_worker(dask_worker: Any) -> WorkerResources:
@@ -416,11 +439,13 @@ def failed_outcome(spec: RunSpec, error: str, seconds: float) -> RunOutcome:
 
 
 class _EventRelay:
-    """Calls on_event once per start and end, a start always before its end."""
+    """Calls on_event once per start and end, a start always before its end, and passes
+    progress lines to the log."""
 
-    def __init__(self, specs: Sequence[RunSpec], on_event: EventHandler) -> None:
+    def __init__(self, specs: Sequence[RunSpec], on_event: EventHandler, log: Log) -> None:
         self._specs = specs
         self._on_event = on_event
+        self.log = log
         self._placed: dict[int, RunSpec] = {}
         self._ended: set[int] = set()
 
@@ -442,16 +467,20 @@ class _EventRelay:
         self._on_event("end", placed, outcome)
 
 
-def _relay_starts(starts: queue.SimpleQueue, relay: _EventRelay, wait: float) -> None:
-    """Pass on start events the workers published, waiting up to ``wait`` s for the first."""
+def _relay_news(news: queue.SimpleQueue, relay: _EventRelay, wait: float) -> None:
+    """Pass on what the workers published (run starts, progress lines), waiting up to
+    ``wait`` seconds for the first message."""
     try:
-        _, message = starts.get(timeout=wait) if wait > 0 else starts.get_nowait()
+        _, message = news.get(timeout=wait) if wait > 0 else news.get_nowait()
     except queue.Empty:
         return
     while True:
-        relay.started(message["index"], message["threads"], message["device"])
+        if message["kind"] == "start":
+            relay.started(message["index"], message["threads"], message["device"])
+        else:
+            relay.log(message["line"])
         try:
-            _, message = starts.get_nowait()
+            _, message = news.get_nowait()
         except queue.Empty:
             return
 
@@ -507,3 +536,7 @@ def _name_order(worker: WorkerResources) -> tuple[int, str]:
 
 def _ignore_event(event: str, spec: RunSpec, outcome: RunOutcome | None) -> None:
     """The on_event used when the caller gives none."""
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)

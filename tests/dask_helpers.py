@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from egeunet.fileio import write_json_atomic
@@ -42,8 +43,9 @@ def expected_value(seed: int, epochs: int) -> str:
     return value
 
 
-def fake_training_run(spec: RunSpec) -> RunOutcome:
-    """Carry out one stand-in run in ``spec.run_dir``; never raises for a failed run."""
+def fake_training_run(spec: RunSpec, log: Callable[[str], None] = print) -> RunOutcome:
+    """Carry out one stand-in run in ``spec.run_dir``, writing a progress line per epoch to
+    ``log``; never raises for a failed run."""
     started = time.monotonic()
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,7 @@ def fake_training_run(spec: RunSpec) -> RunOutcome:
         time.sleep(parameters.get("seconds_per_epoch", 0.0))
         state = {"epoch": epoch + 1, "value": advance(state["value"], epoch)}
         write_json_atomic(state_path, state)
+        log(f"[{spec.run_id}] epoch {epoch + 1}")
     metrics = {
         "value": state["value"],
         "resumed_from_epoch": first_epoch,
@@ -96,21 +99,20 @@ def kill_marker(run_dir: str | Path) -> Path:
     return run_dir.with_name(run_dir.name + KILL_MARKER_SUFFIX)
 
 
-def execute_run_killed_once(spec: RunSpec) -> RunOutcome:
+def execute_run_killed_once(spec: RunSpec, log: Callable[[str], None] | None = None) -> RunOutcome:
     """``egeunet.study.execute_run``, except that a run with a kill marker has its worker
     process killed (SIGKILL) once its first epoch is saved; the marker is used up then."""
     from egeunet.study import execute_run
 
     marker = kill_marker(spec.run_dir)
-    claimed = marker.with_name(marker.name + ".used")
     try:
-        marker.rename(claimed)
+        marker.rename(marker.with_name(marker.name + ".used"))
     except FileNotFoundError:
-        return execute_run(spec)
+        return execute_run(spec, log=log)
     watcher = threading.Thread(target=_kill_after_first_epoch, args=(Path(spec.run_dir),))
     watcher.daemon = True
     watcher.start()
-    return execute_run(spec)
+    return execute_run(spec, log=log)
 
 
 def _kill_after_first_epoch(run_dir: Path) -> None:

@@ -2,8 +2,8 @@
 
 The cluster tests hand the executors a stand-in run function (tests/dask_helpers.py) that
 checkpoints after every "epoch" and resumes like a real run, so worker death and resume are
-tested in seconds; test_real_study_* (at the end) drives execute_run and 03_train itself
-(about 1.5 minutes on 2 cores).
+tested in seconds; test_real_study_* (at the end, marked slow) drives execute_run and
+03_train itself.
 """
 
 from __future__ import annotations
@@ -81,9 +81,17 @@ def worker_pids(executor: DaskExecutor) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def dask_executor():
+def worker_lines() -> list[str]:
+    """Progress lines the module's dask executor relayed from its workers."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def dask_executor(worker_lines):
     """A LocalCluster of 2 worker processes that retries a run once after its worker died."""
-    with make_executor("dask", workers=2, retries=1, run_fn=fake_training_run) as executor:
+    with make_executor(
+        "dask", workers=2, retries=1, run_fn=fake_training_run, log=worker_lines.append
+    ) as executor:
         yield executor
 
 
@@ -191,8 +199,11 @@ def test_local_executor_turns_a_raising_run_function_into_a_failed_outcome(tmp_p
 # --- the dask executor on a real LocalCluster ---------------------------------------------
 
 
-def test_dask_gives_the_local_results_and_places_runs_on_the_workers(dask_executor, tmp_path):
+def test_dask_gives_the_local_results_and_places_runs_on_the_workers(
+    dask_executor, worker_lines, tmp_path
+):
     local = make_executor("local", run_fn=fake_training_run).run(make_specs(tmp_path / "local"))
+    worker_lines.clear()
     log = EventLog()
     specs = make_specs(tmp_path / "dask")
     outcomes = dask_executor.run(specs, log)
@@ -206,6 +217,10 @@ def test_dask_gives_the_local_results_and_places_runs_on_the_workers(dask_execut
     assert {o.metrics["threads"] for o in outcomes} == {max(1, cores // 2)}
     for spec in specs:
         assert log.of(spec.run_id) == [("start", None), ("end", "finished")]
+        # each epoch's progress line travelled from the worker to this process's log
+        assert [line for line in worker_lines if line.startswith(f"[{spec.run_id}]")] == [
+            f"[{spec.run_id}] epoch {epoch}" for epoch in (1, 2, 3)
+        ]
 
 
 def test_dask_skips_finished_runs_on_a_second_pass(dask_executor, tmp_path):
@@ -320,6 +335,7 @@ def real_study_specs(root: Path, reports: str, threads: int) -> list[RunSpec]:
                 "train": REAL_TRAIN,
                 "data_overview": False,
                 "complexity": False,
+                "inference": False,
                 "report": False,
             }
         )
@@ -333,6 +349,7 @@ def comparable_metrics(run_dir: str) -> dict:
     return {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
 
 
+@pytest.mark.slow  # 1.5 to 2.5 minutes on 2 shared cores
 def test_real_study_on_dask_matches_local_even_with_a_worker_killed(tmp_path, monkeypatch):
     ensure_kernel()
     monkeypatch.setenv("EGEUNET_CACHE", str(tmp_path / "cache"))  # workers and kernels inherit it
@@ -345,9 +362,11 @@ def test_real_study_on_dask_matches_local_even_with_a_worker_killed(tmp_path, mo
     started = time.monotonic()
     local = make_executor("local").run(local_specs)
     local_seconds = time.monotonic() - started
-    log = EventLog()
+    log, lines = EventLog(), []
     started = time.monotonic()
-    with make_executor("dask", workers=2, retries=1, run_fn=execute_run_killed_once) as executor:
+    with make_executor(
+        "dask", workers=2, retries=1, run_fn=execute_run_killed_once, log=lines.append
+    ) as executor:
         remote = executor.run(dask_specs, log)
     dask_seconds = time.monotonic() - started
     print(f"4 runs: local {local_seconds:.1f} s, dask (2 workers, one killed) {dask_seconds:.1f} s")
@@ -361,3 +380,7 @@ def test_real_study_on_dask_matches_local_even_with_a_worker_killed(tmp_path, mo
     recorded = json.loads(Path(killed.run_dir, "outcome.json").read_text())
     assert recorded["parameters"]["resume"] is True  # the retry continued from last.pt
     assert recorded["parameters"]["num_threads"] == threads
+    # Per-epoch progress printed by execute_run on the workers reached this process (the
+    # killed run may have saved epoch 2 before it died, leaving no epoch to report).
+    for spec in dask_specs[:1] + dask_specs[2:]:
+        assert any(line.startswith(f"[{spec.run_id}] epoch 2/2") for line in lines), lines
