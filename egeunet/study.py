@@ -65,6 +65,7 @@ REQUIRED_KEYS = ("name", "datasets", "protocols", "seeds", "variants")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 TAIL_SECONDS = 1.0
+RUNTIME_PARAMETERS = ("resume", "num_threads", "device")
 
 Log = Callable[[str], None]
 
@@ -125,9 +126,21 @@ def read_outcome(run_dir: str | Path) -> dict | None:
         return None  # a damaged outcome means "not known to be finished": run again
 
 
-def is_finished(run_dir: str | Path) -> bool:
+def is_finished(run_dir: str | Path, parameters: dict | None = None) -> bool:
+    """Whether ``run_dir`` records a finished run (with these ``parameters``, if given:
+    a run made with other parameters is not the one asked for, so it runs again, resuming
+    where the engine allows it)."""
     outcome = read_outcome(run_dir)
-    return bool(outcome) and outcome.get("status") == "finished"
+    if not outcome or outcome.get("status") != "finished":
+        return False
+    return parameters is None or _comparable(outcome.get("parameters", {})) == _comparable(
+        parameters
+    )
+
+
+def _comparable(parameters: dict) -> dict:
+    """Parameters that define a run's result (not where or how fast it ran)."""
+    return {k: v for k, v in parameters.items() if k not in RUNTIME_PARAMETERS}
 
 
 def _read_metrics(run_dir: Path) -> dict | None:
@@ -249,9 +262,9 @@ def _record(spec: RunSpec, outcome: RunOutcome, started: str, parameters: dict) 
 def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -> RunOutcome:
     """Run one papermill execution of ``spec.notebook`` into ``spec.run_dir``.
 
-    Skips a run whose folder records a finished outcome (unless ``force``); resumes an
-    interrupted training run (``resume`` is set when ``checkpoints/last.pt`` exists);
-    applies ``spec.threads`` (OMP/MKL variables of the kernel and the ``num_threads``
+    Skips a run whose folder records a finished outcome with the same parameters (unless
+    ``force``); resumes an interrupted training run (``resume`` is set when
+    ``checkpoints/last.pt`` exists); applies ``spec.threads`` (OMP/MKL variables of the kernel and the ``num_threads``
     parameter) and ``spec.device``. Never raises for a failed run: the error is returned
     and recorded in ``<run_dir>/outcome.json``. Per-epoch progress lines come from the
     run's ``history.csv`` as it grows.
@@ -260,7 +273,7 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
 
     log = log or _print_line
     run_dir = Path(spec.run_dir)
-    if not force and is_finished(run_dir):
+    if not force and is_finished(run_dir, spec.parameters):
         return RunOutcome(spec.run_id, "skipped", None, 0.0, _read_metrics(run_dir))
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     start = time.monotonic()
@@ -279,6 +292,7 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
                 str(executed_notebook_path(run_dir)),
                 parameters=parameters,
                 kernel_name=KERNEL_NAME,
+                cwd=str(run_dir),  # stray relative writes land in the run folder
                 progress_bar=False,
                 log_output=False,
                 request_save_on_cell_execute=True,

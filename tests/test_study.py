@@ -8,6 +8,7 @@ without training; tests/test_notebooks.py runs the real notebooks through the ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,7 +27,6 @@ data_root: str = ""  # data folder
 protocol: str = "paper"  # split protocol
 seed: int = 0  # seed
 epochs: int = 2  # epochs
-fail_seed: int = -1  # the run with this seed raises
 ghpa: bool = True  # a model switch
 run_dir: str = "run"  # run folder
 resume: bool = False  # continue an interrupted run
@@ -40,7 +40,7 @@ run.mkdir(parents=True, exist_ok=True)
 with open(run / "executions.jsonl", "a") as log:
     log.write(json.dumps({"resume": resume, "omp": os.environ.get("OMP_NUM_THREADS"),
                           "num_threads": num_threads, "device": device}) + "\\n")
-if seed == fail_seed:
+if (run.parent / f"fail-seed{seed}").exists():  # a switch outside the parameters
     raise RuntimeError(f"seed {seed} fails on purpose")
 rows = ["epoch,train_loss,val_loss,val_dsc,seconds"]
 rows += [f"{e},{1 / e},{2 / e},{0.1 * e},0.5" for e in range(1, epochs + 1)]
@@ -78,7 +78,7 @@ def write_study_file(path: Path, **overrides) -> Path:
         "protocols": ["paper"],
         "seeds": [1, 2, 3],
         "variants": {"egeunet": {}},
-        "train": {"epochs": 2, "fail_seed": 2},
+        "train": {"epochs": 2},
         "data_overview": False,
         "complexity": False,
         "report": False,
@@ -99,8 +99,10 @@ def test_failure_is_isolated_recorded_and_resumed(tmp_path, notebooks, monkeypat
     reports = tmp_path / "reports"
     arguments = ["study", str(study_file), "--reports-dir", str(reports)]
 
-    assert cli.main(arguments) == 1  # one run failed
     runs = reports / "tiny" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "fail-seed2").touch()
+    assert cli.main(arguments) == 1  # one run failed
     failed = json.loads((runs / "synthetic-paper-egeunet-seed2" / "outcome.json").read_text())
     assert failed["status"] == "failed"
     assert "RuntimeError: seed 2 fails on purpose" in failed["error"]
@@ -122,7 +124,7 @@ def test_failure_is_isolated_recorded_and_resumed(tmp_path, notebooks, monkeypat
     checkpoint = runs / "synthetic-paper-egeunet-seed2" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"stand-in")
-    write_study_file(study_file, train={"epochs": 2, "fail_seed": -1})
+    (runs / "fail-seed2").unlink()
     assert cli.main(arguments) == 0
     out = capsys.readouterr().out
     assert (
@@ -203,6 +205,10 @@ def test_execute_run_applies_threads_and_device(tmp_path, notebooks):
         {"resume": False, "omp": "1", "num_threads": 1, "device": "cpu"}
     ]
     assert study.execute_run(spec).status == "skipped"
+    moved = dataclasses.replace(spec, threads=2, device="cuda")  # where it runs: still done
+    assert study.execute_run(moved).status == "skipped"
+    changed = dataclasses.replace(spec, parameters={**spec.parameters, "epochs": 3})
+    assert study.execute_run(changed, log=lambda line: None).status == "finished"
     assert study.execute_run(spec, force=True, log=lambda line: None).status == "finished"
 
 
