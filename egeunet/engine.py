@@ -675,6 +675,7 @@ class Trainer:
                 rng=capture_rng(),
                 loader_generator=self.train_loader.generator.get_state(),
                 training_state=asdict(self.state),
+                num_threads=torch.get_num_threads(),
             )
         return payload
 
@@ -708,6 +709,13 @@ class Trainer:
         if self.scaler and checkpoint.get("scaler_state"):
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.state = TrainingState(**checkpoint["training_state"])
+        threads = checkpoint.get("num_threads")
+        if threads != torch.get_num_threads():
+            print(
+                f"resume: the run used {threads} torch threads, this process {torch.get_num_threads()}; "
+                "CPU results will not be bit-identical to an uninterrupted run",
+                file=sys.stderr,
+            )
         restore_rng(checkpoint["rng"])
         _fast_forward(self.train_loader, self.state.epoch)  # (validation does not augment)
         self.train_loader.generator.set_state(checkpoint["loader_generator"])

@@ -42,6 +42,15 @@ TINY = TrainConfig(
 
 
 @pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def synthetic_cache(tmp_path_factory):
     """Synthetic data generated once into a temporary cache for this module."""
     with pytest.MonkeyPatch.context() as patch:
@@ -297,3 +306,30 @@ def test_progress_line_has_the_fields(capsys):
         "12.0 s  40.0 img/s  ETA 1:02:05\n"
     )
     assert math.isfinite(row["seconds"])
+
+
+class FakeLoader:
+    """Records torch's thread count while each batch is made."""
+
+    num_workers = 0
+
+    def __init__(self):
+        self.seen = []
+
+    def __iter__(self):
+        for n in range(3):
+            self.seen.append(torch.get_num_threads())
+            yield n
+
+
+def test_batches_are_assembled_single_threaded():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = FakeLoader()
+        got = [(b, torch.get_num_threads()) for b in engine.single_threaded_batches(loader)]
+        assert got == [(0, 2), (1, 2), (2, 2)]  # the model runs with every thread
+        assert loader.seen == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

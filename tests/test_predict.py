@@ -18,6 +18,15 @@ from egeunet.predict import find_inputs, overlay, predict
 TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def checkpoint(tmp_path):
     torch.manual_seed(0)
