@@ -695,7 +695,10 @@ class Trainer:
 
     def _resume(self) -> None:
         if not self.run.last.is_file():
-            raise FileNotFoundError(f"cannot resume: {self.run.last} does not exist")
+            raise FileNotFoundError(
+                f"cannot resume: {self.run.last} does not exist (no epoch finished there); "
+                "start the run without resume"
+            )
         checkpoint = load_checkpoint(self.run.last)
         _check_resumable(checkpoint["train_config"], self.config)
         if checkpoint["data_manifest_hash"] != self.prepared.manifest_hash:

@@ -190,9 +190,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert not (run_dir / "metrics.json").exists()
 
 
-def test_clean_protocol_selects_on_validation(tmp_path):
+def test_clean_protocol_selects_on_validation(tmp_path, capsys):
     config = TrainConfig.from_dict({**TINY.to_dict(), "protocol": "clean", "epochs": 1})
-    metrics = train(config, tmp_path / "clean", progress=False)
+    metrics = train(config, tmp_path / "clean", progress=True)  # tqdm bars on stderr
+    assert "epoch 1/1" in capsys.readouterr().err
     assert metrics["selection"] == VALIDATION_SELECTION
     description = json.loads((tmp_path / "clean" / "config.json").read_text())
     assert description["protocol"] == "clean"
