@@ -276,11 +276,8 @@ class DaskExecutor(Executor):
                 free_slots = self._free_slots(len(in_flight)) if waiting else 0
                 while waiting and free_slots > 0:
                     index = waiting.popleft()
-                    key = f"egeunet-run-{specs[index].run_id}-{uuid.uuid4().hex[:8]}"
-                    future = client.submit(
-                        run_on_worker, run_fn, specs[index], index, topic, key=key
-                    )
-                    in_flight[key] = (index, time.monotonic(), future)
+                    future = self._submit(run_fn, specs[index], index, topic)
+                    in_flight[future.key] = (index, time.monotonic(), future)
                     finished.add(future)
                     free_slots -= 1
                 _relay_news(news, relay, wait=POLL_SECONDS)
@@ -295,6 +292,11 @@ class DaskExecutor(Executor):
             if in_flight:  # interrupted: do not leave runs queued on the cluster
                 client.cancel([future for _, _, future in in_flight.values()])
         return outcomes  # type: ignore[return-value]  # every slot was filled above
+
+    def _submit(self, run_fn: RunFunction, spec: RunSpec, index: int, topic: str) -> Future:
+        """Submit one run as a task, under a key unique to this submission."""
+        key = f"egeunet-run-{spec.run_id}-{uuid.uuid4().hex[:8]}"
+        return self.client.submit(run_on_worker, run_fn, spec, index, topic, key=key)
 
     def _free_slots(self, in_flight: int) -> int:
         """Runs that can start now: the cluster's task slots (at least one) not yet busy."""
@@ -317,7 +319,7 @@ class DaskExecutor(Executor):
             return spec, failed_outcome(spec, f"the cluster {future.status} the run", seconds)
         error = result[1]
         if isinstance(error, KilledWorker):
-            attempts = self.retries + 1
+            attempts = error.allowed_failures + 1  # as the scheduler counted them
             message = (
                 f"worker died while running it (KilledWorker) after {attempts} "
                 f"attempt{'s' if attempts > 1 else ''}; its run folder is left resumable"
