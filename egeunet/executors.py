@@ -63,8 +63,9 @@ def make_executor(
         scheduler: address of a running dask scheduler (``tcp://HOST:PORT``); dask only.
             When None, the dask executor starts a LocalCluster of ``workers`` processes.
         workers: number of worker processes of that LocalCluster (one run at a time each);
-            default: the number of CPU cores this process may use. Dask only, and not with
-            ``scheduler`` (an existing cluster has its own workers).
+            default: one per GPU when torch sees GPUs, else one per CPU core this process
+            may use. Dask only, and not with ``scheduler`` (an existing cluster has its own
+            workers).
         retries: how many times a run is started again after the worker running it died
             (dask only); after that the run is reported failed.
         run_fn: the function that carries out one run; default
@@ -227,7 +228,7 @@ class DaskExecutor(Executor):
 
         if self.scheduler is None:
             self._cluster = LocalCluster(
-                n_workers=self.workers or len(_usable_cpus()),
+                n_workers=self.workers or default_worker_count(),
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",  # any free port: never clashes with another cluster
@@ -422,6 +423,11 @@ def describe_worker(dask_worker: Any) -> WorkerResources:
         gpus=_gpu_count(),
         visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     )
+
+
+def default_worker_count() -> int:
+    """Workers of a LocalCluster when none are asked for: one per GPU, else one per core."""
+    return _gpu_count() or len(_usable_cpus())
 
 
 def default_run_function() -> RunFunction:

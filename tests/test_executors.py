@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -170,6 +171,18 @@ def test_place_spec_keeps_cpu_requests_and_smaller_thread_limits(tmp_path):
     assert (cpu_only.threads, cpu_only.device) == (2, "cpu")
     no_gpu = place_spec(dataclasses.replace(spec, threads=16), Placement(4, None))
     assert (no_gpu.threads, no_gpu.device) == (4, "auto")
+
+
+def test_describe_worker_reports_what_this_process_may_use():
+    import torch
+
+    worker = SimpleNamespace(address="tcp://w:1", name=3, state=SimpleNamespace(nthreads=2))
+    described = executors.describe_worker(worker)
+    assert (described.address, described.name, described.nthreads) == ("tcp://w:1", "3", 2)
+    assert described.cpus == tuple(sorted(os.sched_getaffinity(0)))
+    assert described.gpus == torch.cuda.device_count()
+    gpus = torch.cuda.device_count()
+    assert executors.default_worker_count() == (gpus or len(os.sched_getaffinity(0)))
 
 
 # --- the local executor -----------------------------------------------------------------
