@@ -259,6 +259,11 @@ def test_dask_retries_a_run_whose_worker_was_killed_and_it_resumes(dask_executor
     assert log.of(specs[2].run_id) == [("start", None), ("start", None), ("end", "finished")]
     dask_executor.client.wait_for_workers(2, timeout=60)
     assert len(worker_pids(dask_executor) - before) == 1  # the nanny started a new worker
+    assert dask_executor.client.run_on_scheduler(allowed_failures) == 1  # = retries
+
+
+def allowed_failures(dask_scheduler) -> int:
+    return dask_scheduler.allowed_failures
 
 
 def test_dask_on_an_existing_scheduler_reports_a_killed_run_failed_after_retries(tmp_path):
