@@ -465,6 +465,27 @@ def format_ablation(table: pd.DataFrame, metric_label: str = "DSC") -> pd.DataFr
     return formatted
 
 
+COMPLEXITY_FORMATS = {
+    "params_total": "{:,.0f}",
+    "params_trainable": "{:,.0f}",
+    "macs_g": "{:.4f}",
+    "fvcore_default_g": "{:.4f}",
+    "fvcore_full_g": "{:.4f}",
+    "fvcore_flops_g": "{:.4f}",
+    "latency_ms_b1": "{:.1f}",
+    "latency_ms_b8": "{:.1f}",
+}
+
+
+def format_complexity(table: pd.DataFrame) -> pd.DataFrame:
+    """The complexity table for reading: thousands separators, 4 decimals of G, 0.1 ms."""
+    formatted = table.copy().astype(object)
+    for column, pattern in COMPLEXITY_FORMATS.items():
+        if column in formatted.columns:
+            formatted[column] = [pattern.format(v) if pd.notna(v) else "–" for v in table[column]]
+    return formatted.fillna("–")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (pipe characters in cells escaped)."""
     if table.empty:
@@ -760,8 +781,8 @@ def build_report(
             "(what it calls GFLOPs); fvcore FLOPs with every op counted; CPU latency "
             "per image (median after warm-up).\n"
         )
-        parts.append(markdown_table(complexity))
-        write_table(complexity, complexity, tables_dir, "complexity")
+        parts.append(markdown_table(format_complexity(complexity)))
+        write_table(complexity, format_complexity(complexity), tables_dir, "complexity")
         report.tables["complexity"] = tables_dir / "complexity.csv"
     if not runs.empty:
         parts.append("\n## 4. Figures\n")
