@@ -252,9 +252,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     eval_parser.add_argument("--data-root", help="folder holding the dataset's files")
     eval_parser.add_argument("--protocol", choices=("paper", "clean", "challenge"))
-    eval_parser.add_argument("--device", default="auto")
+    eval_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     eval_parser.add_argument("--batch-size", type=int)
-    eval_parser.add_argument("--threshold", type=float, default=0.5)
+    eval_parser.add_argument(
+        "--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)"
+    )
     eval_parser.set_defaults(func=run_evaluate)
 
     predict_parser = subparsers.add_parser(
@@ -271,9 +273,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input", required=True, nargs="+", help="image files and/or folders"
     )
     predict_parser.add_argument("--output", required=True, help="output folder")
-    predict_parser.add_argument("--threshold", type=float, default=0.5)
+    predict_parser.add_argument(
+        "--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)"
+    )
     predict_parser.add_argument("--batch-size", type=int, default=8)
-    predict_parser.add_argument("--device", default="auto")
+    predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict_parser.add_argument("--recursive", action="store_true", help="also search subfolders")
     predict_parser.add_argument("--no-overlays", action="store_true", help="write masks only")
     predict_parser.set_defaults(func=run_predict)
