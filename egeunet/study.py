@@ -207,7 +207,7 @@ class HistoryTail:
             parts.append(f"{float(seconds):.1f}s")
             if self.epochs and epoch.isdigit():
                 left = max(0, self.epochs - int(epoch)) * float(seconds)
-                parts.append(f"~{left / 60:.1f} min left")
+                parts.append(f"~{left:.0f} s left" if left < 120 else f"~{left / 60:.0f} min left")
         return " ".join(parts)
 
     def __enter__(self) -> HistoryTail:
@@ -264,10 +264,11 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
 
     Skips a run whose folder records a finished outcome with the same parameters (unless
     ``force``); resumes an interrupted training run (``resume`` is set when
-    ``checkpoints/last.pt`` exists); applies ``spec.threads`` (OMP/MKL variables of the kernel and the ``num_threads``
-    parameter) and ``spec.device``. Never raises for a failed run: the error is returned
-    and recorded in ``<run_dir>/outcome.json``. Per-epoch progress lines come from the
-    run's ``history.csv`` as it grows.
+    ``checkpoints/last.pt`` exists); applies ``spec.threads`` (OMP/MKL variables of the
+    kernel and the ``num_threads`` parameter) and ``spec.device``. The kernel's working
+    directory is the run folder. Never raises for a failed run: the error is returned and
+    recorded in ``<run_dir>/outcome.json``. Per-epoch progress lines come from the run's
+    ``history.csv`` as it grows.
     """
     import papermill
 

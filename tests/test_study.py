@@ -250,7 +250,9 @@ def test_history_tail_reports_only_new_epochs(tmp_path):
     lines: list[str] = []
     with study.HistoryTail("r", history, epochs=4, log=lines.append):
         history.write_text(history.read_text() + "2,0.8,0.6,3.0\n")
-    assert lines == ["[r] epoch 2/4 train_loss=0.8000 val_dsc=0.6000 3.0s ~0.1 min left"]
+    assert lines == ["[r] epoch 2/4 train_loss=0.8000 val_dsc=0.6000 3.0s ~6 s left"]
+    long = study.HistoryTail("r", history, epochs=300, log=lines.append)
+    assert long.describe({"epoch": "100", "seconds": "30"}).endswith("30.0s ~100 min left")
 
 
 def test_check_flag_runs_nothing(tmp_path, notebooks):
