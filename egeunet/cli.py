@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "egeunet.complexity",
     "egeunet.data.commands",
     "egeunet.engine_commands",
+    "egeunet.study",
 ]
 
 
@@ -31,9 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:
-        # Bad input: a clear one-line message, no traceback.
-        print(f"egeunet {args.command}: error: {error}", file=sys.stderr)
+        # Bad input: a clear one-line message, no traceback. KeyError's str() adds quotes.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"egeunet {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"egeunet {args.command}: interrupted; finished work is kept, rerun to resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -660,7 +660,8 @@ class _ProgressPrinter:
         prefix = f"[{self.index.get(spec.run_id, '?')}/{self.total}]"
         if event == "start":
             where = f" on {spec.device}" if "device" in spec.parameters else ""
-            threads = f", {spec.threads} threads" if spec.threads else ""
+            plural = "s" if spec.threads != 1 else ""
+            threads = f", {spec.threads} thread{plural}" if spec.threads else ""
             self.log(f"{prefix} start {spec.run_id}{where}{threads}")
         elif outcome is not None:
             self.log(f"{prefix} {describe_end(outcome)}")
@@ -711,11 +712,8 @@ def run_study(
     outcomes += _run_locally(extras, log, force=True)
     result = StudyResult(study, outcomes)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
-    log(
-        f"study {study.name}: "
-        + ", ".join(f"{v} {k}" for k, v in counts.items())
-        + f"; report: {study.study_dir / 'REPORT.md'}"
-    )
+    where = f"; report: {study.study_dir / 'REPORT.md'}" if study.report is not None else ""
+    log(f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + where)
     return result
 
 
