@@ -69,6 +69,7 @@ TINY_TRAIN = {
     "max_train_images": 16,
     "max_eval_images": 16,
     "device": "cpu",
+    "num_threads": 1,  # a second thread only waits on this tiny model (see studies/quick.yaml)
 }
 
 
@@ -98,7 +99,12 @@ def tiny_study(tmp_path_factory):
                 "variants": {"egeunet": {}},
                 "train": TINY_TRAIN,
                 "data_overview": {"image_size": 64, "num_examples": 4},
-                "complexity": {"image_size": 64, "variant_set": "published", "latency": False},
+                "complexity": {
+                    "image_size": 64,
+                    "variant_set": "published",
+                    "latency": False,
+                    "num_threads": 1,
+                },
                 "inference": {"input_path": "user_images", "threshold": 0.5},
                 "report": {},
             }
