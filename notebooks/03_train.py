@@ -90,7 +90,7 @@ print(config.model.name, config)
 
 # %%
 metrics = train(config, run_dir, resume=resume, progress=False)
-save_run_cases(run_dir, device="cpu")
+save_run_cases(run_dir, device=device)
 
 # %% [markdown]
 # ## Learning curves
