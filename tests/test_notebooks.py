@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jupytext
@@ -233,3 +239,55 @@ def test_lesion_explorer_follows_the_threshold(tiny_study):
     with pytest.raises(ValueError, match=r"broken\.png"):
         explorer.load("broken.png", b"not an image")
     assert interactive_view(explorer) is not None  # the widgets build without a front end
+
+
+def test_interrupted_training_run_resumes_under_the_runner(tmp_path, monkeypatch):
+    """Kill a real 03_train execution after its first epoch; running the same spec again
+    continues from checkpoints/last.pt and completes every epoch once."""
+    ensure_kernel()
+    monkeypatch.setenv("EGEUNET_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "runs" / "interrupted"
+    epochs = 30
+    spec = study.RunSpec(
+        run_id="interrupted",
+        notebook=str(NOTEBOOKS / "03_train.ipynb"),
+        run_dir=str(run_dir),
+        parameters={
+            **TINY_TRAIN,
+            "epochs": epochs,
+            "seed": 5,
+            "run_dir": str(run_dir),
+            "resume": False,
+        },
+        device="cpu",
+    )
+    script = (
+        "import pickle, sys; from egeunet.study import execute_run; "
+        "execute_run(pickle.loads(bytes.fromhex(sys.argv[1])), log=lambda line: None)"
+    )
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, pickle.dumps(spec).hex()],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    history = run_dir / "history.csv"
+    deadline = time.monotonic() + 120
+    try:
+        while not (history.is_file() and len(history.read_text().splitlines()) >= 2):
+            assert child.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no epoch finished within 2 minutes"
+            time.sleep(0.05)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # papermill and its kernel, as a crash would
+        child.wait()
+    done_before = len(pd.read_csv(history))
+    assert done_before < epochs and (run_dir / "checkpoints" / "last.pt").is_file()
+    assert study.read_outcome(run_dir) is None  # not finished: the rerun must not skip it
+
+    outcome = study.execute_run(spec, log=lambda line: None)
+    assert outcome.status == "finished", outcome.error
+    assert study.read_outcome(run_dir)["parameters"]["resume"] is True
+    assert list(pd.read_csv(history)["epoch"]) == list(range(1, epochs + 1))
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epochs
