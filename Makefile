@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -m bench -s
 
 study: $(STAMP)
-	$(BIN)/egeunet complexity --output reports/complexity.md
+	$(BIN)/egeunet study $(STUDY)
 
 complexity: $(STAMP)
 	$(BIN)/egeunet complexity --micro
