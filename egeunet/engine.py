@@ -55,7 +55,7 @@ from tqdm import tqdm
 from egeunet.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
-from egeunet.fileio import write_json_atomic, write_text_atomic
+from egeunet.fileio import json_safe, write_json_atomic, write_text_atomic
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.metrics import POOLED_KEYS, THRESHOLD, MetricAccumulator
 from egeunet.model import EGEUNet, EGEUNetConfig, count_parameters
@@ -365,9 +365,10 @@ def evaluate_loader(
 def metrics_document(
     evaluation: Evaluation, splits: ProtocolSplits, split: str, model_config: EGEUNetConfig
 ) -> dict:
-    """The metrics.json layout for one evaluation."""
+    """The metrics.json layout for one evaluation; undefined metrics (NaN) are None, as
+    the strict JSON file stores them (null)."""
     results = evaluation.metrics.results()
-    return {
+    document = {
         "protocol": splits.protocol,
         "selection": splits.selection,
         "best_epoch": None,
@@ -385,10 +386,13 @@ def metrics_document(
             "per_image": "computed per image, then mean/median; isic_score = mean per-image "
             "Jaccard with values < 0.65 counted as 0; hd95 in pixels at the evaluated "
             "size, image diagonal when exactly one mask is empty",
+            "undefined": "null where a ratio has a zero denominator, e.g. sensitivity of a "
+            "split without lesion pixels",
         },
         "model": json.loads(json.dumps(model_config.to_dict())),
         "num_parameters": count_parameters(EGEUNet(model_config)),
     }
+    return json_safe(document)
 
 
 def write_rows_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:

@@ -132,20 +132,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
+def _figure(value: float | None, digits: int = 4) -> str:
+    """A metric for display; "n/a" for an undefined one (null in metrics.json)."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def format_metrics(document: dict) -> str:
     """A short, labelled summary of a metrics.json document."""
-    pooled, per_image = document["pooled"], document["per_image"]
+    pooled = {k: _figure(v) for k, v in document["pooled"].items()}
+    per_image = {
+        k: _figure(v, 2 if k.startswith("hd95") else 4) for k, v in document["per_image"].items()
+    }
     return "\n".join(
         [
             f"{document['protocol']} protocol, {document['selection']}, best epoch "
             f"{document.get('best_epoch')}; split {document['split']} ({document['num_images']} images)",
-            f"pooled over all pixels (paper convention): IoU (paper's mIoU) {pooled['iou']:.4f}  "
-            f"DSC {pooled['dsc']:.4f}  accuracy {pooled['accuracy']:.4f}  "
-            f"specificity {pooled['specificity']:.4f}  sensitivity {pooled['sensitivity']:.4f}",
-            f"per image: DSC mean {per_image['dsc_mean']:.4f} median {per_image['dsc_median']:.4f}  "
-            f"IoU mean {per_image['iou_mean']:.4f} median {per_image['iou_median']:.4f}  "
-            f"ISIC score {per_image['isic_score']:.4f}  HD95 mean {per_image['hd95_mean']:.2f} px "
-            f"median {per_image['hd95_median']:.2f} px",
+            f"pooled over all pixels (paper convention): IoU (paper's mIoU) {pooled['iou']}  "
+            f"DSC {pooled['dsc']}  accuracy {pooled['accuracy']}  "
+            f"specificity {pooled['specificity']}  sensitivity {pooled['sensitivity']}",
+            f"per image: DSC mean {per_image['dsc_mean']} median {per_image['dsc_median']}  "
+            f"IoU mean {per_image['iou_mean']} median {per_image['iou_median']}  "
+            f"ISIC score {per_image['isic_score']}  HD95 mean {per_image['hd95_mean']} px "
+            f"median {per_image['hd95_median']} px",
         ]
     )
 

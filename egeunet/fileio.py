@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,8 +37,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every NaN or infinite float (nested in dicts, lists, tuples) as None.
+
+    Strict JSON has no NaN: readers other than Python's (``jq``, JavaScript, R's jsonlite
+    in strict mode) reject the bare ``NaN`` token ``json.dumps`` writes by default.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``data`` as strict JSON: undefined (NaN or infinite) numbers become null."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

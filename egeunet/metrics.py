@@ -17,7 +17,7 @@ Conventions for the cases a ratio leaves undefined:
   ``sqrt(H^2 + W^2)``, the largest distance the image allows, so summaries stay finite
   and such images weigh as the worst case (their DSC and IoU are 0 by the formulas);
 * pooled ratios with a zero denominator are NaN (e.g. sensitivity of a split without
-  lesion pixels).
+  lesion pixels); files store them as null (``egeunet.fileio.write_json_atomic``).
 
 HD95 follows MedPy's ``hd95``: surface pixels are the mask minus its erosion (4-connected
 structuring element, pixels outside the image count as background); the distances from

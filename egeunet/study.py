@@ -641,7 +641,7 @@ class StudyResult:
 def describe_end(outcome: RunOutcome) -> str:
     text = f"{outcome.status} {outcome.run_id} ({outcome.seconds:.1f}s)"
     pooled = (outcome.metrics or {}).get("pooled", {})
-    if "dsc" in pooled:
+    if isinstance(pooled.get("dsc"), int | float):  # null when undefined
         text += f" pooled DSC {100 * pooled['dsc']:.2f}"
     if outcome.error:
         text += f": {outcome.error}"

@@ -334,3 +334,26 @@ def test_batches_are_assembled_single_threaded():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_undefined_metrics_are_null_in_metrics_json_and_na_when_printed(tmp_path):
+    # A split without lesion pixels, predicted empty: pooled IoU, DSC and sensitivity are
+    # 0/0 (NaN in memory); the file must still be strict JSON.
+    from egeunet.engine import Evaluation, metrics_document
+    from egeunet.engine_commands import format_metrics
+    from egeunet.fileio import write_json_atomic
+    from egeunet.metrics import MetricAccumulator
+
+    accumulator = MetricAccumulator()
+    accumulator.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), ["a", "b"])
+    splits = ProtocolSplits("paper", TEST_SELECTION, ["t"], ["a", "b"], ["a", "b"], "paper test")
+    document = metrics_document(Evaluation(0.1, accumulator), splits, "test", TINY_MODEL)
+    assert document["pooled"]["sensitivity"] is None and document["pooled"]["dsc"] is None
+    assert document["pooled"]["specificity"] == 1.0
+
+    write_json_atomic(tmp_path / "metrics.json", document)
+    text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
+    assert "NaN" not in text
+    assert json.loads(text)["pooled"]["sensitivity"] is None
+    summary = format_metrics(json.loads(text))
+    assert "sensitivity n/a" in summary and "specificity 1.0000" in summary

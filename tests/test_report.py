@@ -119,3 +119,20 @@ def test_reference_figures_each_name_a_source():
         assert entry["source"] and entry["status"]
     points = rep.reported_points(reference, "isic2018")
     assert points.loc[points["model"] == "EGE-UNet", "dsc"].iloc[0] == pytest.approx(89.46)
+
+
+def test_null_metrics_read_back_as_missing_values(tmp_path):
+    """metrics.json stores undefined metrics as null; the report treats them as missing."""
+    import json
+
+    study_dir = write_study(tmp_path / "fixture")
+    path = study_dir / "runs" / "isic2017-paper-egeunet-seed1" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["pooled"]["sensitivity"] = None
+    path.write_text(json.dumps(metrics))
+    runs = rep.collect_runs(study_dir / "runs")
+    main = rep.main_results(runs, rep.load_reference_results())
+    row = main[main["metric"] == "sensitivity"]
+    assert len(row) == 1
+    assert row["seeds"].iloc[0] == 2  # the seed with null is left out, not counted as 0
+    assert row["mean"].iloc[0] == pytest.approx(90.0)

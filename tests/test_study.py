@@ -302,3 +302,10 @@ def test_inference_uses_the_full_models_first_run_and_the_data_examples(tmp_path
             write_study_file(tmp_path / "v.yaml", inference={"variant": "big"}),
             reports_root=tmp_path,
         )
+
+
+def test_end_line_survives_an_undefined_pooled_dsc():
+    outcome = study.RunOutcome("r", "finished", None, 1.0, {"pooled": {"dsc": None}})
+    assert study.describe_end(outcome) == "finished r (1.0s)"
+    outcome = study.RunOutcome("r", "finished", None, 1.0, {"pooled": {"dsc": 0.8765}})
+    assert study.describe_end(outcome) == "finished r (1.0s) pooled DSC 87.65"
