@@ -693,11 +693,11 @@ def run_study(
     log = log or _print_line
     check_kernel()
     check_study(study)
-    # In this process the runner's log also receives the per-epoch lines; dask workers
-    # print theirs (a log callable cannot travel to another process).
+    # Per-epoch lines reach the runner's log: directly in this process, and relayed from
+    # dask workers by the executor (a log callable cannot travel to another process).
     run_fn = functools.partial(execute_run, log=log) if executor == "local" else None
     executor_instance = make_executor(
-        executor, scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn
+        executor, scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn, log=log
     )
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     log(

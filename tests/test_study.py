@@ -309,3 +309,33 @@ def test_end_line_survives_an_undefined_pooled_dsc():
     assert study.describe_end(outcome) == "finished r (1.0s)"
     outcome = study.RunOutcome("r", "finished", None, 1.0, {"pooled": {"dsc": 0.8765}})
     assert study.describe_end(outcome) == "finished r (1.0s) pooled DSC 87.65"
+
+
+def test_run_study_hands_its_log_to_the_executor(tmp_path, monkeypatch):
+    """Per-epoch lines relayed from dask workers must go to the runner's log."""
+    import egeunet.executors
+
+    received = {}
+
+    class RecordingExecutor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def run(self, specs, on_event):
+            return []
+
+    def fake_make_executor(kind, **kwargs):
+        received.update(kwargs, kind=kind)
+        return RecordingExecutor()
+
+    monkeypatch.setattr(study, "check_kernel", lambda: None)
+    monkeypatch.setattr(study, "check_study", lambda loaded: None)
+    monkeypatch.setattr(egeunet.executors, "make_executor", fake_make_executor)
+    loaded = study.load_study(write_study_file(tmp_path / "s.yaml"), reports_root=tmp_path)
+    lines: list[str] = []
+    study.run_study(loaded, executor="dask", workers=2, log=lines.append)
+    assert received["kind"] == "dask" and received["log"] == lines.append
+    assert any(line.startswith("study tiny:") for line in lines)
