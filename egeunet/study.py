@@ -400,17 +400,22 @@ class _Layout:
     data_root: str
 
     def spec(self, run_id: str, notebook: str, parameters: dict) -> RunSpec:
-        """A RunSpec for ``NOTEBOOKS[notebook]`` in ``runs/<run_id>``."""
+        """A RunSpec for ``NOTEBOOKS[notebook]`` in ``runs/<run_id>``. The study file's
+        ``device`` and ``num_threads`` become the spec's ``device`` and ``threads``, so the
+        runner and the executors, which set those parameters from the spec, keep them."""
         _require(
             bool(SAFE_NAME.match(run_id)),
             self.source,
             f"run id {run_id!r} is not a safe folder name; rename the variant",
         )
+        threads = parameters.get("num_threads")
+        has_threads = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
         return RunSpec(
             run_id,
             str(self.notebooks / NOTEBOOKS[notebook]),
             str(self.runs_dir / run_id),
             parameters,
+            threads=threads if has_threads else None,
             device=str(parameters.get("device", "auto")),
         )
 

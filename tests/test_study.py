@@ -311,6 +311,23 @@ def test_end_line_survives_an_undefined_pooled_dsc():
     assert study.describe_end(outcome) == "finished r (1.0s) pooled DSC 87.65"
 
 
+def test_study_file_device_and_threads_reach_the_specs(tmp_path):
+    """``device`` and ``num_threads`` of the train section must survive _run_parameters and
+    the dask placement, which both set those parameters from the spec."""
+    from egeunet.executors import Placement, place_spec
+
+    path = write_study_file(tmp_path / "s.yaml", train={"device": "cpu", "num_threads": 1})
+    spec = study.load_study(path, reports_root=tmp_path / "r").train[0]
+    assert (spec.device, spec.threads) == ("cpu", 1)
+    declared = {"device": {}, "num_threads": {}, "resume": {}}
+    parameters = study._run_parameters(spec, declared)
+    assert (parameters["device"], parameters["num_threads"]) == ("cpu", 1)
+    placed = place_spec(spec, Placement(threads=2, device="cuda:0"))  # a 2-core GPU worker
+    assert (placed.device, placed.threads) == ("cpu", 1)
+    default = study.load_study(write_study_file(tmp_path / "d.yaml"), reports_root=tmp_path)
+    assert (default.train[0].device, default.train[0].threads) == ("auto", None)
+
+
 def test_run_study_hands_its_log_to_the_executor(tmp_path, monkeypatch):
     """Per-epoch lines relayed from dask workers must go to the runner's log."""
     import egeunet.executors
