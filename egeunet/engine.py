@@ -55,7 +55,7 @@ from tqdm import tqdm
 from egeunet.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
-from egeunet.fileio import json_safe, write_json_atomic, write_text_atomic
+from egeunet.fileio import json_safe, require_writable, write_json_atomic, write_text_atomic
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.metrics import POOLED_KEYS, THRESHOLD, MetricAccumulator
 from egeunet.model import EGEUNet, EGEUNetConfig, count_parameters
@@ -685,6 +685,7 @@ class Trainer:
         return payload
 
     def start(self, resume: bool) -> None:
+        require_writable(self.run.root, "run folder")
         if resume:
             self._resume()
             return
@@ -888,6 +889,8 @@ def evaluate(
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     loaded = load_model(checkpoint)
+    out = Path(output) if output else _default_evaluation_folder(Path(checkpoint), split)
+    require_writable(out, "evaluation output folder (--output)")
     overrides = {
         k: v
         for k, v in {
@@ -926,7 +929,6 @@ def evaluate(
     document.update(
         best_epoch=loaded.epoch, checkpoint=str(checkpoint), checkpoint_layout=loaded.layout
     )
-    out = Path(output) if output else _default_evaluation_folder(Path(checkpoint), split)
     rows = evaluation.metrics.per_image_rows()
     write_rows_csv(out / "per_image.csv", rows, list(rows[0]))
     write_prediction_samples(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,28 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as strict JSON: undefined (NaN or infinite) numbers become null."""
     text = json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False)
     write_text_atomic(path, text + "\n")
+
+
+def is_writable_folder(folder: str | os.PathLike) -> bool:
+    """An existing folder we may write to that is not marked read-only: root may write
+    anywhere, so the permission bits still decide whether a folder is meant to be written
+    (a shared data folder, a published checkpoint's folder)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return False
+    return bool(folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def require_writable(path: str | os.PathLike, what: str) -> None:
+    """ValueError naming ``what`` unless ``path``, or the nearest folder above it that
+    exists (where it would be created), is a writable folder."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if is_writable_folder(existing):
+        return
+    if existing == path:
+        raise ValueError(f"{what} {path} is read-only or not a folder; choose a writable folder")
+    raise ValueError(f"{what} {path} cannot be created: {existing} is read-only")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from egeunet.checkpoint import load_model
 from egeunet.data import normalize
-from egeunet.fileio import atomic_open, write_json_atomic
+from egeunet.fileio import atomic_open, require_writable, write_json_atomic
 
 TRUTH_COLOUR = (0, 200, 0)
 PREDICTION_COLOUR = (255, 40, 40)
@@ -207,6 +207,7 @@ def predict(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files = find_inputs(inputs, recursive)
+    require_writable(output, "output folder")
     loaded = load_model(checkpoint)
     train_config = loaded.train_config or {}
     size = int(train_config.get("image_size", DEFAULT_IMAGE_SIZE))

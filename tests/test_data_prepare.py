@@ -317,3 +317,16 @@ def test_concurrent_prepares_of_one_folder_build_it_once(isic_source, tmp_path, 
     assert len(builds) == 1
     assert len(PreparedDataset(tmp_path / "out")) == 10
     assert leftovers(tmp_path) == []
+
+
+def test_prepare_writes_nothing_into_a_read_only_folder(tmp_path):
+    """As root every folder is writable, so the permission bits must be what stops us."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"prepared dataset .*shared is read-only"):
+            prepare_dataset("synthetic", None, shared / "prepared" / "synthetic-32", 32)
+        assert list(shared.iterdir()) == []
+    finally:
+        shared.chmod(0o755)

@@ -357,3 +357,23 @@ def test_undefined_metrics_are_null_in_metrics_json_and_na_when_printed(tmp_path
     assert json.loads(text)["pooled"]["sensitivity"] is None
     summary = format_metrics(json.loads(text))
     assert "sensitivity n/a" in summary and "specificity 1.0000" in summary
+
+
+def test_nothing_is_written_beside_a_checkpoint_in_a_read_only_folder(finished_run, tmp_path):
+    """The default evaluation folder is beside a foreign checkpoint; in a folder marked
+    read-only (a shared reference folder, writable to root) it must be refused."""
+    import shutil
+
+    run_dir, _ = finished_run
+    shared = tmp_path / "reference"
+    shared.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "best.pt", shared / "published.pt")
+    shared.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"evaluation output folder .*reference is read-only"):
+            evaluate(shared / "published.pt", "test", device="cpu")
+        with pytest.raises(ValueError, match=r"run folder .*reference/run cannot be created"):
+            train(TINY, shared / "run", progress=False)
+        assert sorted(p.name for p in shared.iterdir()) == ["published.pt"]
+    finally:
+        shared.chmod(0o755)

@@ -35,3 +35,26 @@ def test_write_json_atomic_writes_null_for_nan(tmp_path):
 def test_strict_loads_would_catch_a_bare_nan():
     with pytest.raises(ValueError, match="NaN"):
         strict_loads(json.dumps({"x": math.nan}))
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder marked read-only (r-x); the tests run as root too, who could still write."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_require_writable_refuses_read_only_folders_and_paths_below_them(
+    read_only_folder, tmp_path
+):
+    from egeunet.fileio import require_writable
+
+    require_writable(tmp_path, "output folder")
+    require_writable(tmp_path / "new" / "deeper", "output folder")  # created under tmp_path
+    with pytest.raises(ValueError, match=r"output folder .*shared is read-only"):
+        require_writable(read_only_folder, "output folder")
+    with pytest.raises(ValueError, match=r"run folder .*shared/run cannot be created: .*shared"):
+        require_writable(read_only_folder / "run", "run folder")

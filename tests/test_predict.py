@@ -175,3 +175,17 @@ def test_authors_checkpoint_loads_through_the_converter(reference_checkpoint, tm
     summary = predict(raw, image, tmp_path / "out", device="cpu")
     assert summary.written == [str(image)]
     assert np.asarray(Image.open(tmp_path / "out" / "lesion_mask.png")).shape == (48, 64)
+
+
+def test_predict_refuses_a_read_only_output_folder(checkpoint, tmp_path):
+    path, _ = checkpoint
+    write_images(tmp_path / "in")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"output folder .*shared/out cannot be created"):
+            predict(path, tmp_path / "in", shared / "out")
+        assert list(shared.iterdir()) == []
+    finally:
+        shared.chmod(0o755)

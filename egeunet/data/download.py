@@ -27,7 +27,7 @@ import requests
 from tqdm.auto import tqdm
 
 from egeunet.data.sources import ISIC_ARCHIVE_FOLDERS
-from egeunet.fileio import sha256_file, write_json_atomic
+from egeunet.fileio import require_writable, sha256_file, write_json_atomic
 
 ISIC_BASE_URL = "https://isic-challenge-data.s3.amazonaws.com"
 BASE_URL_ENV = "EGEUNET_ISIC_BASE_URL"
@@ -65,6 +65,7 @@ def download_isic(
     the ISIC challenge bucket and can be overridden (argument or $EGEUNET_ISIC_BASE_URL).
     """
     target = Path(to).expanduser()
+    require_writable(target, "download folder")
     target.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     archives = []

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from egeunet.data import splits as split_rules
 from egeunet.data import synthetic
 from egeunet.data.sources import SPLIT_ORDER, SamplePair, discover_pairs
-from egeunet.fileio import sha256_json, write_json_atomic
+from egeunet.fileio import require_writable, sha256_json, write_json_atomic
 
 PREPARE_FORMAT = 1
 DATASETS = ("isic2017", "isic2018", "synthetic", "folder")
@@ -230,6 +230,7 @@ def _build(job: _Job, workers: int, show: bool) -> Path:
     """Fill a temporary folder with arrays, manifest and splits, then move it to ``job.out``;
     one process at a time per folder."""
     started = time.perf_counter()
+    require_writable(job.out.parent, "folder for the prepared dataset")
     job.out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(job.out.parent / f".{job.out.name}.lock"):
         if _is_current(job.out, job.fingerprint):  # another process made it while we waited

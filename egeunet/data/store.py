@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import numpy as np
 from egeunet.data import splits as split_rules
 from egeunet.data import synthetic
 from egeunet.data.prepare import check_dataset_name, prepare_dataset, read_manifest
-from egeunet.fileio import write_json_atomic
+from egeunet.fileio import is_writable_folder, write_json_atomic
 
 CACHE_ENV = "EGEUNET_CACHE"
 
@@ -138,19 +137,11 @@ def cache_folder(
     root = Path(data_root).expanduser()
     if cache_dir:
         return Path(cache_dir).expanduser() / f"{dataset}-{size}"
-    if _writable(root):
+    if is_writable_folder(root):
         return root / "prepared" / f"{dataset}-{size}"
     # Read-only data: a user cache folder, one per source location.
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
     return default_cache_root() / f"{dataset}-{size}-{tag}"
-
-
-def _writable(folder: Path) -> bool:
-    """Writable by us and not marked read-only (root may write anywhere; the permission
-    bits still say whether the folder is meant to be written)."""
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        return False
-    return bool(folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
 def get_prepared(
