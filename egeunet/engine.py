@@ -52,7 +52,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from egeunet.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
+from egeunet.checkpoint import (
+    LoadedModel,
+    load_checkpoint,
+    load_model,
+    model_payload,
+    save_checkpoint,
+)
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
 from egeunet.fileio import json_safe, require_writable, write_json_atomic, write_text_atomic
@@ -64,6 +70,7 @@ from egeunet.predict import comparison_panel, resolve_device, save_png
 PROTOCOLS = ("paper", "clean", "challenge")
 TEST_SELECTION = "test-set model selection"
 VALIDATION_SELECTION = "validation-set model selection"
+UNKNOWN_SELECTION = "unknown model selection (the checkpoint records no training run)"
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 20230715
 PREDICTION_SAMPLE_SEED = 0
@@ -927,7 +934,10 @@ def evaluate(
     )
     document = metrics_document(evaluation, splits, split, config.model)
     document.update(
-        best_epoch=loaded.epoch, checkpoint=str(checkpoint), checkpoint_layout=loaded.layout
+        selection=checkpoint_selection(loaded, config),
+        best_epoch=loaded.epoch,
+        checkpoint=str(checkpoint),
+        checkpoint_layout=loaded.layout,
     )
     rows = evaluation.metrics.per_image_rows()
     write_rows_csv(out / "per_image.csv", rows, list(rows[0]))
@@ -938,6 +948,23 @@ def evaluate(
     write_json_atomic(out / "metrics.json", document)
     document["output"] = str(out)
     return document
+
+
+def checkpoint_selection(loaded: LoadedModel, config: TrainConfig) -> str:
+    """How the evaluated checkpoint was chosen: a property of its training run, not of the
+    protocol it is evaluated under. Under another protocol or dataset than its own run the
+    label says so, as those splits may overlap the data the run trained or selected on."""
+    recorded = loaded.checkpoint.get("selection") if loaded.layout == "egeunet" else None
+    if recorded is None:
+        return UNKNOWN_SELECTION
+    trained = loaded.train_config or {}
+    own = (trained.get("dataset"), loaded.checkpoint.get("protocol"))
+    if own == (config.dataset, config.protocol):
+        return recorded
+    return (
+        f"{recorded} ({own[1]} protocol on {own[0]}); evaluated under the {config.protocol} "
+        f"protocol on {config.dataset}, whose splits may overlap its training or selection data"
+    )
 
 
 def _default_evaluation_folder(checkpoint: Path, split: str) -> Path:

@@ -377,3 +377,23 @@ def test_nothing_is_written_beside_a_checkpoint_in_a_read_only_folder(finished_r
         assert sorted(p.name for p in shared.iterdir()) == ["published.pt"]
     finally:
         shared.chmod(0o755)
+
+
+def test_evaluation_keeps_the_checkpoints_own_selection_label(finished_run, tmp_path):
+    """A paper-protocol checkpoint (selected on the paper test part) evaluated under the
+    clean protocol must not be labelled validation-set model selection."""
+    from egeunet.checkpoint import LoadedModel
+    from egeunet.engine import UNKNOWN_SELECTION, checkpoint_selection
+
+    run_dir, _ = finished_run
+    best = run_dir / "checkpoints" / "best.pt"
+    same = evaluate(best, "test", output=tmp_path / "same", device="cpu")
+    assert same["selection"] == TEST_SELECTION
+    other = evaluate(best, "test", output=tmp_path / "clean", protocol="clean", device="cpu")
+    assert other["protocol"] == "clean"
+    assert other["selection"].startswith(f"{TEST_SELECTION} (paper protocol on synthetic)")
+    assert VALIDATION_SELECTION not in other["selection"]
+    written = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert written["selection"] == other["selection"]
+    raw = LoadedModel(model=None, layout="official", checkpoint={})
+    assert checkpoint_selection(raw, TINY) == UNKNOWN_SELECTION
