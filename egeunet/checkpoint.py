@@ -15,7 +15,6 @@ Everything is read with ``torch.load(..., weights_only=True)``: no code from a f
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +55,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"checkpoint {path} could not be read: {error}") from None
+    except Exception as error:  # a damaged or foreign file fails in many ways (KeyError, ...)
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(
+            f"checkpoint {path} could not be read (not a torch checkpoint, damaged, or it "
+            f"holds objects weights_only loading refuses): {reason}"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
     return data
@@ -93,8 +96,11 @@ def load_model(path: str | os.PathLike, config: EGEUNetConfig | None = None) -> 
     data = load_checkpoint(path)
     if data.get("format") == CHECKPOINT_FORMAT:
         layout = "egeunet"
-        config = EGEUNetConfig(**data["model_config"])
-        state = data["model_state"]
+        try:
+            config = EGEUNetConfig(**data["model_config"])
+            state = data["model_state"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint {path} has a damaged model record: {error!r}") from None
     else:
         state = data.get("model_state_dict", data)
         if not isinstance(state, dict) or not _is_state_dict(state):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
@@ -145,6 +146,19 @@ def test_load_model_errors(checkpoint, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"garbage\.pt"):
         load_model(garbage)
+    # Foreign files fail inside torch.load in other ways: KeyError for text, EOFError for
+    # an empty file, UnpicklingError for objects weights_only refuses. All must name it.
+    text, empty, unsafe = tmp_path / "text.pt", tmp_path / "empty.pt", tmp_path / "unsafe.pt"
+    text.write_text("hello\n")
+    empty.write_bytes(b"")
+    torch.save({"where": PurePosixPath("/etc")}, unsafe)
+    for bad in (text, empty, unsafe):
+        with pytest.raises(ValueError, match=rf"checkpoint .*{bad.name} could not be read"):
+            load_model(bad)
+    damaged = tmp_path / "damaged.pt"
+    torch.save({**model_payload(EGEUNet(TINY_MODEL)), "model_config": {"colour": 1}}, damaged)
+    with pytest.raises(ValueError, match=r"damaged\.pt has a damaged model record"):
+        load_model(damaged)
     state = load_model(path).model.state_dict()
     raw = tmp_path / "raw.pt"
     torch.save(state, raw)
