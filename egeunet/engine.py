@@ -725,6 +725,12 @@ class Trainer:
         if self.scaler and checkpoint.get("scaler_state"):
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.state = TrainingState(**checkpoint["training_state"])
+        if self.config.epochs < self.state.epoch:
+            raise ValueError(
+                f"cannot resume with epochs {self.config.epochs}: {self.run.last} has already "
+                f"trained {self.state.epoch} epochs; use epochs >= {self.state.epoch} or "
+                "another run folder"
+            )
         threads = checkpoint.get("num_threads")
         if threads != torch.get_num_threads():
             print(

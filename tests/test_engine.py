@@ -166,6 +166,13 @@ def test_resume_refusals(finished_run, tmp_path):
     changed = TrainConfig.from_dict({**TINY.to_dict(), "lr": 0.01})
     with pytest.raises(ValueError, match=r"changed: lr"):
         train(changed, run_dir, resume=True, progress=False)
+    # Fewer epochs than already trained: returning the longer run's metrics (and rewriting
+    # config.json to the shorter count) would misreport the run.
+    config_before = (run_dir / "config.json").read_text()
+    shorter = TrainConfig.from_dict({**TINY.to_dict(), "epochs": TINY.epochs - 1})
+    with pytest.raises(ValueError, match=r"cannot resume with epochs 2: .* already trained 3"):
+        train(shorter, run_dir, resume=True, progress=False)
+    assert (run_dir / "config.json").read_text() == config_before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
