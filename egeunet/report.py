@@ -221,7 +221,33 @@ def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
     rows = [read_run(p) for p in run_folders(runs_dir) if (p / "metrics.json").is_file()]
     table = pd.DataFrame(rows)
     if not table.empty:
+        table = _separate_same_model_variants(table)
         table = table.sort_values(["dataset", "protocol", "variant", "seed"]).reset_index(drop=True)
+    return table
+
+
+def _study_label(row: pd.Series) -> str | None:
+    """The variant name the study gave a run, read off its id
+    ``<dataset>-<protocol>-<variant>-seed<seed>`` (None for other folder names)."""
+    prefix, suffix = f"{row['dataset']}-{row['protocol']}-", f"-seed{row['seed']}"
+    run_id = str(row["run_id"])
+    if run_id.startswith(prefix) and run_id.endswith(suffix):
+        return run_id[len(prefix) : -len(suffix)] or None
+    return None
+
+
+def _separate_same_model_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """Variants are named after their model, so two study variants with one model and other
+    training settings (say ``egeunet`` and ``egeunet-imagenet: {normalization: imagenet}``)
+    would be pooled as extra seeds of one variant. Where a model name holds runs of
+    several study variants, the runs whose study name differs take that name."""
+    labels = table.apply(_study_label, axis=1)
+    groups = table.groupby(["dataset", "protocol", "variant"])["run_id"].transform(
+        lambda ids: labels[ids.index].nunique()
+    )
+    rename = (groups > 1) & labels.notna() & (labels != table["variant"])
+    table = table.copy()
+    table.loc[rename, "variant"] = labels[rename]
     return table
 
 

@@ -136,3 +136,21 @@ def test_null_metrics_read_back_as_missing_values(tmp_path):
     assert len(row) == 1
     assert row["seeds"].iloc[0] == 2  # the seed with null is left out, not counted as 0
     assert row["mean"].iloc[0] == pytest.approx(90.0)
+
+
+def test_study_variants_sharing_a_model_stay_apart(tmp_path):
+    """``egeunet`` and ``egeunet-imagenet`` (same model, other normalisation) must not be
+    pooled into one variant with six seeds."""
+    import shutil
+
+    study_dir = write_study(tmp_path / "fixture")
+    runs_dir = study_dir / "runs"
+    for seed in (1, 2, 3):
+        source = runs_dir / f"isic2017-paper-egeunet-seed{seed}"
+        shutil.copytree(source, runs_dir / f"isic2017-paper-egeunet-imagenet-seed{seed}")
+    runs = rep.collect_runs(runs_dir)
+    counts = runs.groupby("variant")["seed"].count()
+    assert counts["egeunet"] == 3 and counts["egeunet-imagenet"] == 3
+    assert counts["unet"] == 3  # variants whose study name is their model's keep it
+    main = rep.main_results(runs, rep.load_reference_results())
+    assert set(main["seeds"]) == {3}
