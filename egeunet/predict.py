@@ -207,6 +207,10 @@ def predict(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files = find_inputs(inputs, recursive)
+    if not files:
+        hint = "" if recursive else " (subfolders are searched only with --recursive)"
+        names = ", ".join(str(item) for item in inputs)
+        raise ValueError(f"input: no image files found in {names}{hint}")
     require_writable(output, "output folder")
     loaded = load_model(checkpoint)
     train_config = loaded.train_config or {}

@@ -136,6 +136,14 @@ def test_cli_predict_exit_codes(checkpoint, tmp_path, capsys):
     )
     missing = ["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o3")]
     assert cli_main(["predict", "--checkpoint", str(path), *missing]) == 2
+    # A folder without images (here: only in a subfolder) is an error, not "0 predicted".
+    (tmp_path / "nested" / "inner").mkdir(parents=True)
+    write_images(tmp_path / "nested" / "inner" / "images")
+    nested = ["--input", str(tmp_path / "nested"), "--output", str(tmp_path / "o4")]
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(path), *nested]) == 2
+    assert "no image files found" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()
 
 
 def test_load_model_errors(checkpoint, tmp_path):
