@@ -204,7 +204,15 @@ def _check_types(config: TrainConfig) -> None:
         else:
             continue
         if not ok:
-            raise ValueError(f"{name}: expected {annotation}, got {value!r}")
+            raise ValueError(f"{name}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation: typing.Any) -> str:
+    """``int | None`` -> "int or null", ``<class 'int'>`` -> "int" (for messages)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(annotation)]
+        return " or ".join("null" if n == "NoneType" else n for n in names)
+    return getattr(annotation, "__name__", str(annotation))
 
 
 # --- Data for a protocol -----------------------------------------------------------------

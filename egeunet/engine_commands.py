@@ -50,7 +50,7 @@ def parse_value(text: str, annotation: typing.Any, name: str) -> typing.Any:
         if annotation in (int, float):
             return annotation(text)
     except ValueError:
-        kind = "true or false" if annotation is bool else f"a {annotation.__name__}"
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[annotation]
         raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
     return text
 

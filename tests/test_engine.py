@@ -259,8 +259,9 @@ def test_train_config_defaults_are_the_published_recipe():
         ({"epoch": 3}, "unknown train config key.*epoch"),
         ({"model": {"width": [8]}}, "model.width"),
         ({"protocol": "best"}, "protocol"),
-        ({"epochs": "ten"}, "epochs"),
-        ({"amp": 1}, "amp"),
+        ({"epochs": "ten"}, r"epochs: expected int, got 'ten'"),
+        ({"max_train_images": 2.5}, r"max_train_images: expected int or null, got 2\.5"),
+        ({"amp": 1}, "amp: expected bool"),
         ({"image_size": 100}, "image_size"),
     ],
 )
@@ -269,7 +270,7 @@ def test_train_config_rejects_bad_input(data, message):
         TrainConfig.from_dict(data)
 
 
-def test_cli_overrides_and_config_file(tmp_path, monkeypatch):
+def test_cli_overrides_and_config_file(tmp_path, monkeypatch, capsys):
     from egeunet.cli import build_parser
     from egeunet.engine_commands import config_from_args
 
@@ -284,7 +285,9 @@ def test_cli_overrides_and_config_file(tmp_path, monkeypatch):
     assert config.model.gab is False and config.model.widths == (4, 4, 8, 8, 12, 12)
     assert config.max_eval_images is None and config.amp is True and config.data_root == "d"
 
+    capsys.readouterr()
     assert cli_main(["train", "--epochs", "two"]) == 2
+    assert "--epochs: expected an integer, got 'two'" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
