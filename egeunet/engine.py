@@ -753,6 +753,10 @@ class Trainer:
             description = json.loads(self.run.config.read_text(encoding="utf-8"))
             description["config"]["epochs"] = self.config.epochs
             write_json_atomic(self.run.config, description)
+            # The shorter run's results no longer describe this run (best.pt moves on too):
+            # a report must not show them under the new epoch count before it finishes.
+            for stale in (self.run.metrics, self.run.per_image):
+                stale.unlink(missing_ok=True)
 
     # Epochs
 

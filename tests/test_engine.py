@@ -407,3 +407,26 @@ def test_evaluation_keeps_the_checkpoints_own_selection_label(finished_run, tmp_
     assert written["selection"] == other["selection"]
     raw = LoadedModel(model=None, layout="official", checkpoint={})
     assert checkpoint_selection(raw, TINY) == UNKNOWN_SELECTION
+
+
+def test_extending_a_finished_run_withdraws_its_old_results(finished_run, tmp_path):
+    """Resumed with more epochs, a finished run's metrics.json belongs to the shorter run;
+    left in place, a report would show it under the new epoch count if the run stops."""
+    import shutil
+
+    run_dir = tmp_path / "extended"
+    shutil.copytree(finished_run[0], run_dir)
+    longer = TrainConfig.from_dict({**TINY.to_dict(), "epochs": TINY.epochs + 2})
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, row):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(longer, run_dir, resume=True, progress=False, on_epoch_end=kill)
+    assert json.loads((run_dir / "config.json").read_text())["config"]["epochs"] == 5
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "per_image.csv").exists()
+    metrics = train(longer, run_dir, resume=True, progress=False)
+    assert metrics["epochs"] == 5 and (run_dir / "metrics.json").is_file()
