@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageOps
 
 from egeunet import figures
 from egeunet.checkpoint import load_model
@@ -127,8 +127,8 @@ class LesionExplorer:
     def load(self, name: str, content: bytes) -> None:
         """Read an uploaded file's bytes (ValueError naming the file if unreadable)."""
         try:
-            with Image.open(io.BytesIO(content)) as opened:
-                image = np.asarray(opened.convert("RGB"))
+            with Image.open(io.BytesIO(content)) as opened:  # upright, as predict reads it
+                image = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {name}: {error}") from None
         self.name, self.image = name, image

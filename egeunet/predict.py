@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from egeunet.checkpoint import load_model
 from egeunet.data import normalize
@@ -116,10 +116,14 @@ def find_inputs(
 
 
 def read_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(original (H, W, 3) uint8, resized (size, size, 3) uint8); ValueError if unreadable."""
+    """(original (H, W, 3) uint8, resized (size, size, 3) uint8); ValueError if unreadable.
+
+    The original is turned upright as its EXIF orientation says (phone and camera JPEGs),
+    so masks and overlays line up with the image as viewers show it.
+    """
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
         return np.asarray(rgb), np.array(rgb.resize((size, size), Image.BILINEAR))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from None

@@ -211,3 +211,24 @@ def test_predict_refuses_a_read_only_output_folder(checkpoint, tmp_path):
         assert list(shared.iterdir()) == []
     finally:
         shared.chmod(0o755)
+
+
+def test_masks_follow_the_exif_orientation(checkpoint, tmp_path):
+    """A camera JPEG stored 40 wide and 20 high with EXIF orientation 6 (rotate 90 degrees)
+    is shown 20 wide and 40 high; its mask must have the shown size to line up."""
+    path, _ = checkpoint
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    stored = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation tag
+    stored.save(folder / "phone.jpg", exif=exif)
+    predict(path, folder, tmp_path / "out")
+    assert np.asarray(Image.open(tmp_path / "out" / "phone_mask.png")).shape == (40, 20)
+    assert Image.open(tmp_path / "out" / "phone_overlay.png").size == (20, 40)
+    # The notebook's upload widget reads it the same way.
+    from egeunet.lesion import LesionExplorer, Segmenter
+
+    explorer = LesionExplorer(Segmenter(path, "cpu"))
+    explorer.load("phone.jpg", (folder / "phone.jpg").read_bytes())
+    assert explorer.image.shape == (40, 20, 3) and explorer.mask().shape == (40, 20)
