@@ -10,6 +10,7 @@ import torch
 from egeunet.model import (
     GHPA,
     GHPA_BRANCHES,
+    ChannelLayerNorm,
     EGEUNet,
     EGEUNetConfig,
     convert_official_state_dict,
@@ -158,6 +159,21 @@ class TestForward:
         active = GHPA(16, 8, branches=("dw",))
         with torch.no_grad():
             assert not torch.allclose(active(x), active.project(active.norm_out(active.norm_in(x))))
+
+    def test_channel_layer_norm_is_the_published_formula(self):
+        torch.manual_seed(0)
+        norm = ChannelLayerNorm(6)
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        x = torch.randn(2, 6, 5, 7, dtype=torch.float64) * 3 + 1
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        expected = (x - mean) / torch.sqrt(var + 1e-6)
+        expected = (
+            norm.weight.double()[:, None, None] * expected + norm.bias.double()[:, None, None]
+        )
+        torch.testing.assert_close(norm.double()(x), expected)
 
     def test_dilations_change_the_function(self):
         torch.manual_seed(0)
