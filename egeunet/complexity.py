@@ -7,7 +7,8 @@ Conventions (also printed in the header of ``egeunet complexity``):
   Counted twice, by a forward-hook walk over the conv modules and by fvcore's conv
   handle; the two must agree.
 * ``fvcore_default_g``: fvcore's ``FlopCountAnalysis`` total with its default handles
-  (conv as MACs, GroupNorm, bilinear upsampling; 0.0805 G for the default model).
+  (conv as MACs, GroupNorm, LayerNorm, bilinear upsampling; 0.0866 G for the default
+  model, 0.0805 G on the authors' code, whose LayerNorm fvcore does not see as one op).
 * ``fvcore_full_g``: the same plus handles for the ops fvcore skips by default: one
   operation per output element for elementwise ops (add, sub, mul, div, pow, sqrt, GELU),
   one per input element for reductions (mean) and max-pooling. ``uncounted_ops`` lists

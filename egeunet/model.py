@@ -134,13 +134,11 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Written out as published rather than through F.layer_norm on a permuted view:
-        # the fused kernel trains ~9% faster on CPU, but fvcore then counts it as a norm
-        # and its default total no longer matches the 0.0805 G known for this model.
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        # The published formula, (x - mean) / sqrt(var + eps) * weight + bias over dim 1,
+        # through the fused kernel on a (B, H, W, C) view: ~9% faster training on CPU than
+        # writing it out. (fvcore counts this fused op; it skips the written-out form.)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -295,6 +293,20 @@ def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
 
+class InputConv(nn.Conv2d):
+    """The first 3x3 conv, on the raw image. On the CPU it runs in channels-last layout:
+    oneDNN computes a conv with 3 input channels about 2.5x faster that way (forward and
+    backward at 256x256, batch 8), which is ~5% of a training step. Same function."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class EGEUNet(nn.Module):
     """EGE-UNet and its ablation variants (see the module docstring for the switches)."""
 
@@ -314,8 +326,8 @@ class EGEUNet(nn.Module):
         # Encoder: stages 1-3 plain convs, 4-6 GHPA. Stages 1-5 are followed by
         # GroupNorm -> max-pool -> GELU; stage 6 by GELU only (stays at H/32).
         self.encoder = nn.ModuleList(
-            block(i, o, deep=n >= 3)
-            for n, (i, o) in enumerate(zip((config.in_channels, *c[:-1]), c, strict=True))
+            [InputConv(config.in_channels, c[0])]
+            + [block(i, o, deep=n >= 2) for n, (i, o) in enumerate(itertools.pairwise(c))]
         )
         self.encoder_norms = nn.ModuleList(nn.GroupNorm(4, ch) for ch in c[:-1])
         # Decoder, deepest first: blocks 1-3 GHPA (c5->c4, c4->c3, c3->c2), 4-5 plain convs.
