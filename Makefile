@@ -33,7 +33,9 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -m bench -s
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/egeunet complexity
 
 study: $(STAMP)
 	$(BIN)/egeunet study $(STUDY)
