@@ -7,12 +7,13 @@ Conventions (also printed in the header of ``egeunet complexity``):
   Counted twice, by a forward-hook walk over the conv modules and by fvcore's conv
   handle; the two must agree.
 * ``fvcore_default_g``: fvcore's ``FlopCountAnalysis`` total with its default handles
-  (conv as MACs, GroupNorm, LayerNorm, bilinear upsampling; 0.0866 G for the default
-  model, 0.0805 G on the authors' code, whose LayerNorm fvcore does not see as one op).
+  (conv as MACs, GroupNorm, LayerNorm, bilinear upsampling; 0.0805 G for the default
+  model, as on the authors' code: both write the channel LayerNorm out in elementwise
+  ops, which fvcore skips by default).
 * ``fvcore_full_g``: the same plus handles for the ops fvcore skips by default: one
-  operation per output element for elementwise ops (add, sub, mul, div, pow, sqrt, GELU),
-  one per input element for reductions (mean) and max-pooling. ``uncounted_ops`` lists
-  any op still without a handle.
+  operation per output element for elementwise ops (add, sub, mul, div, pow, square,
+  sqrt, rsqrt, sigmoid, GELU; two for addcmul), one per input element for reductions
+  (mean) and max-pooling. ``uncounted_ops`` lists any op still without a handle.
 * ``latency_ms_b1`` / ``latency_ms_b8``: median CPU wall time per image of an eval-mode
   forward pass under ``torch.inference_mode`` at batch 1 and 8, after warm-up, with
   ``threads`` torch threads.
@@ -102,6 +103,10 @@ def _per_input_element(inputs, outputs) -> int:
     return _numel(inputs[0])
 
 
+def _two_per_output_element(inputs, outputs) -> int:
+    return 2 * _numel(outputs[0])
+
+
 EXTRA_FVCORE_HANDLES = {
     "aten::add": _per_output_element,
     "aten::add_": _per_output_element,
@@ -110,6 +115,8 @@ EXTRA_FVCORE_HANDLES = {
     "aten::mul_": _per_output_element,
     "aten::div": _per_output_element,
     "aten::pow": _per_output_element,
+    "aten::square": _per_output_element,
+    "aten::addcmul": _two_per_output_element,  # a * b + c
     "aten::sqrt": _per_output_element,
     "aten::rsqrt": _per_output_element,
     "aten::gelu": _per_output_element,

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 GHPA_BRANCHES = ("hw", "ch", "cw", "dw")
 """GHPA's four channel-group branches: spatial H-W, channel-H, channel-W, depthwise."""
@@ -121,10 +122,69 @@ class EGEUNetConfig:
         return base
 
 
+def _channel_layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The published formula over dim 1 of ``(B, C, H, W)``, in at least float32.
+
+    Returns the output (in ``x``'s dtype), the normalised input ``(B, C, H, W)`` and the
+    reciprocal standard deviation ``(B, 1, H, W)``, the last two kept for the backward.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float16/bfloat16 -> float32
+    x32 = x.to(dtype)
+    mean = x32.mean(1, keepdim=True)
+    centred = x32 - mean
+    rstd = (centred.square().mean(1, keepdim=True) + eps).rsqrt()
+    normalised = centred * rstd
+    out = torch.addcmul(
+        bias.to(dtype).view(1, -1, 1, 1), normalised, weight.to(dtype).view(1, -1, 1, 1)
+    )
+    return out.to(x.dtype), normalised, rstd
+
+
+class _ChannelLayerNormFunction(torch.autograd.Function):
+    """The channel LayerNorm with a hand-written backward.
+
+    Autograd through the written-out formula keeps eight intermediate tensors and walks
+    them back one op at a time; the fused ``layer_norm`` kernel on a channels-last view is
+    slower still on CPU for the 5-20 channels of GAB's groups (about 14x at
+    ``(8, 5, 128, 128)``, where it took a third of a training step). The gradient in
+    closed form, with ``n`` the normalised input, ``r`` the reciprocal std and
+    ``g = grad * weight``: ``dx = r * (g - mean_C(g) - n * mean_C(g * n))``,
+    ``dweight = sum(grad * n)``, ``dbias = sum(grad)`` over batch and pixels.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        out, normalised, rstd = _channel_layer_norm(x, weight, bias, eps)
+        ctx.save_for_backward(normalised, rstd, weight)
+        ctx.input_dtype = x.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        normalised, rstd, weight = ctx.saved_tensors
+        grad = grad.to(normalised.dtype)
+        scaled = grad * weight.to(normalised.dtype).view(1, -1, 1, 1)
+        grad_x = (
+            scaled
+            - scaled.mean(1, keepdim=True)
+            - normalised * (scaled * normalised).mean(1, keepdim=True)
+        ) * rstd
+        grad_weight = (grad * normalised).sum((0, 2, 3)).to(weight.dtype)
+        grad_bias = grad.sum((0, 2, 3)).to(weight.dtype)
+        return grad_x.to(ctx.input_dtype), grad_weight, grad_bias, None
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a ``(B, C, H, W)`` tensor, at every pixel.
 
-    Mean and biased variance over ``C``, then a per-channel affine map.
+    The published formula: ``(x - mean) / sqrt(var + eps) * weight + bias``, with mean and
+    biased variance over ``C``, computed in at least float32 (as autocast does for
+    LayerNorm). When gradients are needed it runs as :class:`_ChannelLayerNormFunction`
+    (same forward, a closed-form backward); under tracing (fvcore) and inference, as plain
+    tensor ops.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
@@ -134,11 +194,12 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # The published formula, (x - mean) / sqrt(var + eps) * weight + bias over dim 1,
-        # through the fused kernel on a (B, H, W, C) view: ~9% faster training on CPU than
-        # writing it out. (fvcore counts this fused op; it skips the written-out form.)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or self.bias.requires_grad
+        )
+        if needs_grad and not torch.jit.is_tracing():
+            return _ChannelLayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+        return _channel_layer_norm(x, self.weight, self.bias, self.eps)[0]
 
 
 def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -293,20 +354,6 @@ def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
 
-class InputConv(nn.Conv2d):
-    """The first 3x3 conv, on the raw image. On the CPU it runs in channels-last layout:
-    oneDNN computes a conv with 3 input channels about 2.5x faster that way (forward and
-    backward at 256x256, batch 8), which is ~5% of a training step. Same function."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
-
 class EGEUNet(nn.Module):
     """EGE-UNet and its ablation variants (see the module docstring for the switches)."""
 
@@ -326,7 +373,7 @@ class EGEUNet(nn.Module):
         # Encoder: stages 1-3 plain convs, 4-6 GHPA. Stages 1-5 are followed by
         # GroupNorm -> max-pool -> GELU; stage 6 by GELU only (stays at H/32).
         self.encoder = nn.ModuleList(
-            [InputConv(config.in_channels, c[0])]
+            [_conv3x3(config.in_channels, c[0])]
             + [block(i, o, deep=n >= 2) for n, (i, o) in enumerate(itertools.pairwise(c))]
         )
         self.encoder_norms = nn.ModuleList(nn.GroupNorm(4, ch) for ch in c[:-1])
@@ -354,6 +401,10 @@ class EGEUNet(nn.Module):
         )
         self.head = nn.Conv2d(c[0], k, 1)
         self.reset_parameters()
+        # Channels-last weights and activations (see forward): oneDNN's depthwise and
+        # 3-channel convolutions are several times faster on CPU in this layout, which
+        # makes CPU training ~25% faster. Same function; state_dicts are unaffected.
+        self.to(memory_format=torch.channels_last)
 
     def reset_parameters(self) -> None:
         """The published initialisation: conv weights ~ N(0, sqrt(2 / fan_out)), biases 0."""
@@ -390,6 +441,7 @@ class EGEUNet(nn.Module):
                 f"input: height and width must be multiples of {SIZE_MULTIPLE}, got {height}x{width}"
             )
 
+        x = x.contiguous(memory_format=torch.channels_last)
         skips = []  # encoder features at H/2 .. H/32, after their GELU
         for stage, norm in zip(self.encoder[:-1], self.encoder_norms, strict=True):
             x = F.gelu(F.max_pool2d(norm(stage(x)), 2))

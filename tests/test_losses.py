@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from egeunet.losses import BceDice, DeepSupervisionLoss
+from egeunet.losses import BceDice, DeepSupervisionLoss, binary_cross_entropy_with_logits
 from egeunet.model import EGEUNet, EGEUNetConfig
 
 
@@ -49,6 +49,24 @@ def test_saturated_logits_give_finite_loss_and_gradients():
     # overlap 1, sums 2 + 2: 1 - 3/5.
     assert loss.item() == pytest.approx(100 + 1 - 3 / 5, rel=1e-6)
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_fast_bce_matches_torch_in_value_and_gradient(scale):
+    generator = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 1, 16, 16, generator=generator) * scale).requires_grad_()
+    target = torch.rand(2, 1, 16, 16, generator=generator)  # soft targets too
+    target[0] = (target[0] > 0.5).float()
+    ours = binary_cross_entropy_with_logits(logits, target)
+    (grad_ours,) = torch.autograd.grad(ours * 3, logits)
+    reference = F.binary_cross_entropy_with_logits(logits.double(), target.double())
+    (grad_reference,) = torch.autograd.grad(reference * 3, logits)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(grad_ours.double(), grad_reference.double(), rtol=1e-5, atol=1e-9)
+    double = logits.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: binary_cross_entropy_with_logits(x, target.double()), (double,)
+    )
 
 
 def test_shape_mismatch_is_an_error():

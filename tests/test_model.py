@@ -175,6 +175,53 @@ class TestForward:
         )
         torch.testing.assert_close(norm.double()(x), expected)
 
+    @pytest.mark.parametrize("channels", [1, 5, 20])
+    def test_channel_layer_norm_gradient(self, channels):
+        # The closed-form backward against finite differences (float64) and against
+        # autograd through the written-out formula (float32, channels-last input).
+        torch.manual_seed(channels)
+        norm = ChannelLayerNorm(channels).double()
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        x = (torch.randn(2, channels, 5, 7, dtype=torch.float64) * 3 + 1).requires_grad_()
+        assert torch.autograd.gradcheck(norm, (x,))
+        norm = norm.float()
+        x = x.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn(2, channels, 5, 7)
+        norm(x).backward(grad)
+        ours = (x.grad, norm.weight.grad, norm.bias.grad)
+        x.grad = norm.weight.grad = norm.bias.grad = None
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        written = (x - mean) / torch.sqrt(var + 1e-6)
+        (norm.weight[:, None, None] * written + norm.bias[:, None, None]).backward(grad)
+        for a, b in zip(ours, (x.grad, norm.weight.grad, norm.bias.grad), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    def test_channel_layer_norm_keeps_low_precision_dtypes(self):
+        norm = ChannelLayerNorm(4)
+        x = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+        out = norm(x)
+        out.float().sum().backward()
+        assert out.dtype == x.grad.dtype == torch.bfloat16
+        assert norm.weight.grad.dtype == torch.float32
+
+    def test_channels_last_layout_gives_the_same_function(self):
+        # The model keeps channels-last weights and activations for speed; a model whose
+        # weights are contiguous (NCHW) must compute the same maps.
+        torch.manual_seed(0)
+        model = EGEUNet().eval()
+        contiguous = EGEUNet().eval()
+        contiguous.load_state_dict(model.state_dict())
+        contiguous.to(memory_format=torch.contiguous_format)
+        assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert contiguous.encoder[0].weight.is_contiguous()
+        x = torch.rand(2, 3, 64, 96) * 255
+        with torch.no_grad():
+            for a, b in zip(model(x), contiguous(x), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
     def test_dilations_change_the_function(self):
         torch.manual_seed(0)
         x = torch.rand(1, 3, 64, 64) * 255
