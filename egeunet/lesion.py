@@ -9,7 +9,6 @@ threshold slider) for JupyterLab.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps
+from PIL import Image
 
 from egeunet import figures
 from egeunet.checkpoint import load_model
@@ -29,6 +28,7 @@ from egeunet.predict import (
     DEFAULT_NORMALIZATION,
     find_inputs,
     probabilities_at_original_size,
+    read_image,
     resolve_device,
 )
 
@@ -104,13 +104,12 @@ class Segmenter:
         self.device = resolve_device(device)
         self.model = loaded.model.to(self.device)
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Lesion probability (H, W) float32 for an RGB image (H, W, 3) uint8, computed at
-        the model's input size and resized back, exactly as ``predict`` does."""
-        resized = Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)
-        tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)  # (3, S, S)
+    def probabilities(self, model_input: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Lesion probability (H, W) = ``size``, float32, from the (S, S, 3) uint8 model
+        input that :func:`~egeunet.predict.read_image` gives, exactly as ``predict`` does."""
+        tensor = torch.from_numpy(model_input.copy()).permute(2, 0, 1)  # (3, S, S)
         batch = normalize(tensor, self.normalization)[None].to(self.device)
-        return probabilities_at_original_size(self.model, batch, [image.shape[:2]])[0].numpy()
+        return probabilities_at_original_size(self.model, batch, [size])[0].numpy()
 
 
 class LesionExplorer:
@@ -126,13 +125,9 @@ class LesionExplorer:
 
     def load(self, name: str, content: bytes) -> None:
         """Read an uploaded file's bytes (ValueError naming the file if unreadable)."""
-        try:
-            with Image.open(io.BytesIO(content)) as opened:  # upright, as predict reads it
-                image = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot read image {name}: {error}") from None
+        image, model_input = read_image(content, self.segmenter.size, name)  # as predict reads it
         self.name, self.image = name, image
-        self.probability = self.segmenter.probabilities(image)
+        self.probability = self.segmenter.probabilities(model_input, image.shape[:2])
 
     def mask(self) -> np.ndarray:
         if self.probability is None:

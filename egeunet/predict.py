@@ -1,10 +1,10 @@
 """Offline inference on ordinary image files, and the overlay pictures shared with training.
 
 :func:`predict` segments every image PIL can read (files, or folders of files), in
-batches: each image is resized to the model's input size with PIL's (antialiased)
-bilinear filter, as prepared datasets are, normalised as in training, and
-the lesion probability map is resized back to the image's own size (bilinear) before it
-is thresholded. For ``photo.jpg`` it writes ``photo_mask.png`` (0/255, the original width
+batches: each image is decoded and resized to the model's input size (PIL's antialiased
+bilinear filter) exactly as prepared datasets are, normalised as in training, and the
+lesion probability map is resized back to the image's own size (bilinear) before it is
+thresholded. For ``photo.jpg`` it writes ``photo_mask.png`` (0/255, the original width
 and height) and ``photo_overlay.png``; folders keep their relative layout under the
 output folder. Unreadable files are reported and skipped; ``summary.json`` lists what
 was written and what failed.
@@ -12,6 +12,7 @@ was written and what failed.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from PIL import Image, ImageOps
 
 from egeunet.checkpoint import load_model
 from egeunet.data import normalize
+from egeunet.data.prepare import open_for_model_input
 from egeunet.fileio import atomic_open, require_writable, write_json_atomic
 
 TRUTH_COLOUR = (0, 200, 0)
@@ -115,18 +117,31 @@ def find_inputs(
     return unique
 
 
-def read_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(original (H, W, 3) uint8, resized (size, size, 3) uint8); ValueError if unreadable.
+def read_image(
+    source: str | os.PathLike | bytes, size: int, name: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(original (H, W, 3) uint8, model input (size, size, 3) uint8) of a file or its bytes.
 
-    The original is turned upright as its EXIF orientation says (phone and camera JPEGs),
-    so masks and overlays line up with the image as viewers show it.
+    The model input is decoded and resized exactly as ``egeunet data prepare`` does
+    (:func:`~egeunet.data.prepare.open_for_model_input`), so a prepared image and the
+    same file given to ``predict`` reach the model as the same pixels. Both are turned
+    upright as the EXIF orientation says (phone and camera JPEGs), so masks and overlays
+    line up with the image as viewers show it. Raises ValueError naming the file (or
+    ``name``) if it cannot be read.
     """
+
+    def opened():
+        return io.BytesIO(source) if isinstance(source, bytes) else source
+
     try:
-        with Image.open(path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-        return np.asarray(rgb), np.array(rgb.resize((size, size), Image.BILINEAR))
+        with Image.open(opened()) as image:
+            original = ImageOps.exif_transpose(image).convert("RGB")
+        small, _ = open_for_model_input(opened(), size)
+        with small:
+            small = ImageOps.exif_transpose(small).convert("RGB")
+        return np.asarray(original), np.array(small.resize((size, size), Image.BILINEAR))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise ValueError(f"cannot read image {name or source}: {error}") from None
 
 
 # --- Inference ---------------------------------------------------------------------------

@@ -232,3 +232,35 @@ def test_masks_follow_the_exif_orientation(checkpoint, tmp_path):
     explorer = LesionExplorer(Segmenter(path, "cpu"))
     explorer.load("phone.jpg", (folder / "phone.jpg").read_bytes())
     assert explorer.image.shape == (40, 20, 3) and explorer.mask().shape == (40, 20)
+
+
+def test_predict_feeds_the_model_the_pixels_prepare_caches(tmp_path):
+    """A large JPEG is decoded at reduced scale before the resize; predict must do exactly
+    what prepare did, or a model would see other pixels at inference than in evaluation."""
+    from egeunet.data import PreparedDataset, prepare_dataset
+    from egeunet.predict import read_image
+
+    root = tmp_path / "authors"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((1024, 768), Image.BICUBIC)  # smooth, large
+    image.save(root / "train" / "images" / "big.jpg", quality=90)
+    mask = np.zeros((768, 1024), np.uint8)
+    mask[200:500, 300:700] = 255
+    Image.fromarray(mask).save(root / "train" / "masks" / "big_mask.png")
+    Image.fromarray(coarse).save(root / "val" / "images" / "small.png")
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "val" / "masks" / "small_mask.png")
+    prepared = PreparedDataset(prepare_dataset("folder", root, tmp_path / "prepared", 64))
+    cached = prepared.images[prepared.index_of(["big"])[0]]
+
+    original, model_input = read_image(root / "train" / "images" / "big.jpg", 64)
+    assert original.shape == (768, 1024, 3)
+    np.testing.assert_array_equal(model_input, cached)
+    from_bytes = read_image((root / "train" / "images" / "big.jpg").read_bytes(), 64, "big.jpg")
+    np.testing.assert_array_equal(from_bytes[1], cached)
+    # Resizing the fully decoded image instead gives other pixels: the check has teeth.
+    full = np.asarray(Image.fromarray(original).resize((64, 64), Image.BILINEAR))
+    assert np.abs(full.astype(int) - cached.astype(int)).max() > 0

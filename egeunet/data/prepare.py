@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -203,17 +204,30 @@ def _decode(
     data: bytes, name: str, mode: str, size: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode fully (truncation is an error) and convert to ``mode``; returns the original
-    (width, height). With ``size``, a JPEG may be decoded at a reduced scale that keeps at
-    least twice the target resolution, which the bilinear resize then antialiases."""
+    (width, height). With ``size``, see :func:`open_for_model_input`."""
     try:
-        image = Image.open(io.BytesIO(data))
-        original = image.size
-        if size is not None:
-            image.draft("RGB", (2 * size, 2 * size))
-        image.load()
+        image, original = open_for_model_input(io.BytesIO(data), size)
         return image.convert(mode), original
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from None
+
+
+def open_for_model_input(
+    source: str | os.PathLike | BinaryIO, size: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode an image on its way to a ``size`` x ``size`` model input.
+
+    With ``size``, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8) that keeps
+    at least twice the target resolution, which the bilinear resize then antialiases. The
+    one place that decides this, so ``egeunet predict`` feeds the model the same pixels
+    as a prepared dataset. Returns the image and its (width, height) on disk.
+    """
+    image = Image.open(source)
+    original = image.size
+    if size is not None:
+        image.draft("RGB", (2 * size, 2 * size))
+    image.load()
+    return image, original
 
 
 def _relative(display: str, root: Path) -> str:
