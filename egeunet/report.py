@@ -217,8 +217,14 @@ def run_folders(runs_dir: str | Path) -> list[Path]:
 
 
 def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per finished run (a run folder with metrics.json) under ``runs_dir``."""
-    rows = [read_run(p) for p in run_folders(runs_dir) if (p / "metrics.json").is_file()]
+    """One row per finished run under ``runs_dir``: a run folder with metrics.json whose
+    last study outcome, if it has one, is not a failure. (A re-run that failed can leave
+    the metrics of an earlier attempt behind; such a run is listed with the failures.)"""
+    rows = [
+        read_run(p)
+        for p in run_folders(runs_dir)
+        if (p / "metrics.json").is_file() and not _last_attempt_failed(p)
+    ]
     table = pd.DataFrame(rows)
     if not table.empty:
         table = _separate_same_model_variants(table)
@@ -251,15 +257,26 @@ def _separate_same_model_variants(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _failed_outcome(run_dir: Path) -> dict | None:
+    """The study runner's outcome of ``run_dir`` if its last attempt failed, else None."""
+    path = run_dir / OUTCOME_FILE
+    if not path.is_file():
+        return None
+    outcome = _read_json(path)
+    return outcome if outcome.get("status") == "failed" else None
+
+
+def _last_attempt_failed(run_dir: Path) -> bool:
+    return _failed_outcome(run_dir) is not None
+
+
 def collect_failures(runs_dir: str | Path) -> pd.DataFrame:
     """Runs whose last outcome (written by the study runner) was a failure."""
     rows = []
     for folder in run_folders(runs_dir):
-        outcome_path = folder / OUTCOME_FILE
-        if outcome_path.is_file():
-            outcome = _read_json(outcome_path)
-            if outcome.get("status") == "failed":
-                rows.append({"run_id": folder.name, "error": outcome.get("error") or ""})
+        outcome = _failed_outcome(folder)
+        if outcome is not None:
+            rows.append({"run_id": folder.name, "error": outcome.get("error") or ""})
     return pd.DataFrame(rows, columns=["run_id", "error"])
 
 

@@ -26,6 +26,20 @@ def test_runs_table_reads_every_finished_run(built):
     assert (runs["data_manifest_hash"] == MANIFEST_HASH).all()
 
 
+def test_a_failed_rerun_hides_the_metrics_it_left_behind(tmp_path):
+    """A run that finished, was run again and failed still holds the earlier attempt's
+    metrics.json; the report lists it with the failures, not with the results."""
+    from report_fixtures import write_run
+
+    runs_dir = tmp_path / "runs"
+    kept = write_run(runs_dir, "egeunet", 1)
+    rerun = write_run(runs_dir, "egeunet", 2)
+    (rerun / "outcome.json").write_text('{"status": "failed", "error": "KeyboardInterrupt"}')
+    (kept / "outcome.json").write_text('{"status": "finished"}')
+    assert list(rep.collect_runs(runs_dir)["run_id"]) == [kept.name]
+    assert list(rep.collect_failures(runs_dir)["run_id"]) == [rerun.name]
+
+
 def test_main_results_against_paper(built):
     study_dir, _ = built
     main = pd.read_csv(study_dir / "tables" / "main_results.csv")
