@@ -1,6 +1,6 @@
 """Training and inference speed of EGE-UNet on this machine; prints figures, asserts nothing.
 
-    python benchmarks/bench_train.py [--data-root DIR] [--batches 25] [--threads N]
+    python benchmarks/bench_train.py [--data-root DIR] [--batches 25] [--repeats 3] [--threads N]
 
 Figures, at 256x256 and batch 8 unless told otherwise:
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,8 +40,10 @@ def _best_rate(run, images_per_call: int, calls: int, repeats: int) -> float:
 
 
 def whole_pipeline(
-    data_root: Path | None, batches: int, size: int, batch_size: int
-) -> tuple[str, float]:
+    data_root: Path | None, batches: int, size: int, batch_size: int, repeats: int
+) -> tuple[str, list[float]]:
+    """Images per second of ``repeats`` timed training epochs of ``batches`` batches each,
+    after one warm-up epoch."""
     from egeunet.engine import TrainConfig, Trainer
 
     dataset = "isic2017" if data_root is not None else "synthetic"
@@ -49,18 +52,20 @@ def whole_pipeline(
         data_root=str(data_root) if data_root else None,
         image_size=size,
         batch_size=batch_size,
-        epochs=2,
+        epochs=repeats + 1,
         max_train_images=batches * batch_size,
         max_eval_images=batch_size,
         device="cpu",
     )
+    rates = []
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, progress=False)
         trainer.train_epoch(1)  # warm-up: first-call allocations, page cache
-        started = time.perf_counter()
-        _, images = trainer.train_epoch(2)
-        rate = images / (time.perf_counter() - started)
-    return f"{dataset} ({len(trainer.prepared)} prepared images)", rate
+        for epoch in range(2, repeats + 2):
+            started = time.perf_counter()
+            _, images = trainer.train_epoch(epoch)
+            rates.append(images / (time.perf_counter() - started))
+    return f"{dataset} ({len(trainer.prepared)} prepared images)", rates
 
 
 def model_only(size: int, batch_size: int, calls: int) -> float:
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--batches", type=int, default=25, help="batches timed for the whole pipeline"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs of the whole pipeline")
     parser.add_argument(
         "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
     )
@@ -121,8 +127,12 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    data, rate = whole_pipeline(data_root, args.batches, size, batch)
-    print(f"training, whole pipeline on {data}, {size}x{size}, batch {batch}: {rate:.1f} images/s")
+    data, rates = whole_pipeline(data_root, args.batches, size, batch, args.repeats)
+    print(
+        f"training, whole pipeline on {data}, {size}x{size}, batch {batch}: "
+        f"{statistics.median(rates):.1f} images/s (median of {len(rates)} epochs of "
+        f"{args.batches} batches; min {min(rates):.1f}, max {max(rates):.1f})"
+    )
     rate = model_only(size, batch, calls=max(3, args.batches // 5))
     print(f"training, forward+backward+step alone, batch {batch}: {rate:.1f} images/s")
     for inference_batch in (1, 8):

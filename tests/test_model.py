@@ -207,6 +207,34 @@ class TestForward:
         assert out.dtype == x.grad.dtype == torch.bfloat16
         assert norm.weight.grad.dtype == torch.float32
 
+    def test_mixed_precision_forward_and_backward(self):
+        # The CUDA AMP path cannot run here; CPU autocast in bfloat16 goes through the same
+        # dtype handling (LayerNorm in float32, loss in float32, float32 gradients). oneDNN
+        # crashes on it in channels-last layout (torch 2.14.1), so the model refuses that
+        # with a message saying how to switch to NCHW.
+        from egeunet.losses import DeepSupervisionLoss
+
+        torch.manual_seed(0)
+        model = EGEUNet()
+        x = torch.rand(2, 3, 64, 64) * 255
+        masks = (torch.rand(2, 1, 64, 64) > 0.5).float()
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            pytest.raises(RuntimeError, match="contiguous_format"),
+        ):
+            model(x)
+        model.to(memory_format=torch.contiguous_format)
+        assert not model.channels_last
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(x)
+        assert outputs[0].dtype == torch.bfloat16
+        loss = DeepSupervisionLoss()(outputs, masks)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+            assert torch.isfinite(p.grad).all(), name
+
     def test_channels_last_layout_gives_the_same_function(self):
         # The model keeps channels-last weights and activations for speed; a model whose
         # weights are contiguous (NCHW) must compute the same maps.
@@ -215,12 +243,51 @@ class TestForward:
         contiguous = EGEUNet().eval()
         contiguous.load_state_dict(model.state_dict())
         contiguous.to(memory_format=torch.contiguous_format)
-        assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert contiguous.encoder[0].weight.is_contiguous()
+        assert model.channels_last and not contiguous.channels_last
         x = torch.rand(2, 3, 64, 96) * 255
         with torch.no_grad():
             for a, b in zip(model(x), contiguous(x), strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+    def test_fast_paths_give_the_published_gradients(self, monkeypatch):
+        """Channels-last layout, the closed-form LayerNorm backward and the fast BCE against
+        plain autograd through the published formulas in NCHW: the whole model's loss and
+        every parameter gradient (float64) must agree."""
+        import torch.nn.functional as F
+
+        from egeunet import losses
+        from egeunet.losses import DeepSupervisionLoss
+
+        torch.manual_seed(0)
+        model = EGEUNet().double()
+        x = torch.rand(2, 3, 64, 96, dtype=torch.float64) * 255
+        masks = (torch.rand(2, 1, 64, 96) > 0.5).double()
+
+        def loss_and_gradients():
+            model.zero_grad()
+            loss = DeepSupervisionLoss()(model(x), masks)
+            loss.backward()
+            return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        fast_loss, fast = loss_and_gradients()
+
+        def written_out(self, x):
+            mean = x.mean(1, keepdim=True)
+            var = (x - mean).pow(2).mean(1, keepdim=True)
+            x = (x - mean) / torch.sqrt(var + self.eps)
+            return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+        monkeypatch.setattr(ChannelLayerNorm, "forward", written_out)
+        monkeypatch.setattr(
+            losses, "binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits
+        )
+        model.to(memory_format=torch.contiguous_format)
+        plain_loss, plain = loss_and_gradients()
+        assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
+        # The loss itself is float32 (BceDice casts), so agreement is to float32 rounding.
+        for name, gradient in plain.items():
+            scale = gradient.abs().max().item()
+            assert (fast[name] - gradient).abs().max().item() <= 1e-6 * scale, name
 
     def test_dilations_change_the_function(self):
         torch.manual_seed(0)
