@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+
+from egeunet.model import refuse_higher_order_gradients
 
 SIDE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 """Published weights of the side maps, deepest level (H/32) first."""
@@ -44,14 +45,18 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
         return per_pixel.mean()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        refuse_higher_order_gradients("the BCE loss")
         logits, target = ctx.saved_tensors
         return (torch.sigmoid(logits) - target) * (grad / logits.numel()), None
 
 
 def binary_cross_entropy_with_logits(logits: Tensor, target: Tensor) -> Tensor:
     """Mean binary cross-entropy of ``logits`` against ``target`` in [0, 1], same shape."""
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape"
+        )
     if target.requires_grad:  # the fast path has no gradient for the target
         return F.binary_cross_entropy_with_logits(logits, target)
     return _BinaryCrossEntropyWithLogits.apply(logits, target)

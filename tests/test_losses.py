@@ -72,6 +72,15 @@ def test_fast_bce_matches_torch_in_value_and_gradient(scale):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         BceDice()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 2))
+    with pytest.raises(ValueError, match="differ in shape"):  # no silent broadcasting
+        binary_cross_entropy_with_logits(torch.zeros(2, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+
+
+def test_fast_bce_refuses_higher_order_gradients():
+    logits = torch.randn(1, 1, 4, 4, requires_grad=True)
+    loss = binary_cross_entropy_with_logits(logits, torch.ones(1, 1, 4, 4))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, logits, create_graph=True)
 
 
 def test_deep_supervision_weights_sides_deepest_first():

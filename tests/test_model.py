@@ -130,6 +130,7 @@ class TestForward:
         model = EGEUNet(in_channels=1, num_classes=3)
         outputs = model(torch.rand(1, 1, 64, 96))
         assert [tuple(o.shape) for o in outputs] == [(1, 3, 64, 96)] * 6
+        assert all(o.is_contiguous() for o in outputs)  # NCHW whatever the layout inside
 
     @pytest.mark.parametrize("size", [(250, 256), (256, 100)])
     def test_size_not_multiple_of_32_is_rejected(self, size):
@@ -223,6 +224,8 @@ class TestForward:
             pytest.raises(RuntimeError, match="contiguous_format"),
         ):
             model(x)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)  # inference is unaffected
         model.to(memory_format=torch.contiguous_format)
         assert not model.channels_last
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -244,6 +247,8 @@ class TestForward:
         contiguous.load_state_dict(model.state_dict())
         contiguous.to(memory_format=torch.contiguous_format)
         assert model.channels_last and not contiguous.channels_last
+        grayscale = EGEUNet(in_channels=1).to(memory_format=torch.contiguous_format)
+        assert not grayscale.channels_last
         x = torch.rand(2, 3, 64, 96) * 255
         with torch.no_grad():
             for a, b in zip(model(x), contiguous(x), strict=True):
@@ -288,6 +293,30 @@ class TestForward:
         for name, gradient in plain.items():
             scale = gradient.abs().max().item()
             assert (fast[name] - gradient).abs().max().item() <= 1e-6 * scale, name
+
+    def test_float32_gradients_agree_between_layouts(self):
+        # oneDNN's float32 channels-last kernels against NCHW, on the whole training loss.
+        from egeunet.losses import DeepSupervisionLoss
+
+        torch.manual_seed(0)
+        fast = EGEUNet()
+        plain = EGEUNet()
+        plain.load_state_dict(fast.state_dict())
+        plain.to(memory_format=torch.contiguous_format)
+        x = torch.rand(2, 3, 64, 64) * 255
+        masks = (torch.rand(2, 1, 64, 64) > 0.5).float()
+        for model in (fast, plain):
+            DeepSupervisionLoss()(model(x), masks).backward()
+        for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+            scale = b.grad.abs().max().item()
+            assert (a.grad - b.grad).abs().max().item() <= 1e-3 * scale, name
+
+    def test_higher_order_gradients_are_refused_not_wrong(self):
+        norm = ChannelLayerNorm(5)
+        x = torch.randn(1, 5, 4, 4, requires_grad=True)
+        loss = norm(x).pow(3).sum() + x.pow(3).sum()
+        with pytest.raises(RuntimeError, match="first-order gradients only"):
+            torch.autograd.grad(loss, x, create_graph=True)
 
     def test_dilations_change_the_function(self):
         torch.manual_seed(0)
