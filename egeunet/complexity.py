@@ -231,8 +231,9 @@ def conventions_header(size: int) -> str:
         f"Complexity per image at {size}x{size} on the CPU. params: all parameters (trainable). "
         "macs_g: conv multiply-accumulates, bias excluded (thop convention; the paper's "
         "'GFLOPs'). fvcore_default_g: fvcore FlopCountAnalysis with default handles. "
-        "fvcore_full_g: plus 1 op per output element for add/sub/mul/div/pow/sqrt/GELU and "
-        "1 per input element for mean/max-pool; uncounted_ops: ops still without a handle. "
+        "fvcore_full_g: plus 1 op per output element for elementwise ops "
+        "(add/sub/mul/div/pow/square/sqrt/rsqrt/sigmoid/GELU; 2 for addcmul) and 1 per input "
+        "element for mean/max-pool; uncounted_ops: ops still without a handle. "
         "latency_ms_b1/b8: median ms per image (eval, inference_mode) at batch 1/8 after "
         "warm-up, with `threads` torch threads."
     )
