@@ -259,6 +259,22 @@ def _record(spec: RunSpec, outcome: RunOutcome, started: str, parameters: dict) 
     write_json_atomic(Path(spec.run_dir) / OUTCOME_FILE, document)
 
 
+def _kernel_manager_class() -> type:
+    """Kernels talk to the runner over Unix sockets where there are any (no network port;
+    ipykernel also warns about unencrypted TCP), over local TCP elsewhere (Windows)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return UnixSocketKernelManager
+
+
 def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -> RunOutcome:
     """Run one papermill execution of ``spec.notebook`` into ``spec.run_dir``.
 
@@ -297,6 +313,7 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
                 progress_bar=False,
                 log_output=False,
                 request_save_on_cell_execute=True,
+                kernel_manager_class=_kernel_manager_class(),
             )
         outcome = RunOutcome(
             spec.run_id, "finished", None, time.monotonic() - start, _read_metrics(run_dir)

@@ -190,7 +190,7 @@ def test_missing_study_file_and_missing_key(tmp_path):
         study.load_study(path)
 
 
-def test_execute_run_applies_threads_and_device(tmp_path, notebooks):
+def test_execute_run_applies_threads_and_device(tmp_path, notebooks, capfd):
     spec = study.RunSpec(
         run_id="one",
         notebook=str(notebooks / "03_train.ipynb"),
@@ -204,6 +204,8 @@ def test_execute_run_applies_threads_and_device(tmp_path, notebooks):
     assert executions(tmp_path / "one") == [
         {"resume": False, "omp": "1", "num_threads": 1, "device": "cpu"}
     ]
+    if sys.platform != "win32":  # the kernel spoke over a Unix socket, not unencrypted TCP
+        assert "without encryption" not in capfd.readouterr().err
     assert study.execute_run(spec).status == "skipped"
     moved = dataclasses.replace(spec, threads=2, device="cuda")  # where it runs: still done
     assert study.execute_run(moved).status == "skipped"
