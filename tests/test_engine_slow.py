@@ -2,7 +2,7 @@
 
 Twenty epochs on the 2000 ISIC 2017 challenge training images, selected and evaluated on
 its 150 validation images (protocol "challenge"), must reach a pooled DSC of at least
-0.80. About an hour on two idle CPU cores; run with ``pytest -m slow tests/test_engine_slow.py``.
+0.80. About 16 minutes on two idle CPU cores; run with ``pytest -m slow tests/test_engine_slow.py``.
 """
 
 from __future__ import annotations
