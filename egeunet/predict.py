@@ -136,11 +136,13 @@ def read_image(
         return io.BytesIO(source) if isinstance(source, bytes) else source
 
     try:
-        with Image.open(opened()) as image:
-            original = ImageOps.exif_transpose(image).convert("RGB")
-        small, _ = open_for_model_input(opened(), size)
-        with small:
-            small = ImageOps.exif_transpose(small).convert("RGB")
+        decoded, stored_size = open_for_model_input(opened(), size)
+        with decoded:
+            small = ImageOps.exif_transpose(decoded).convert("RGB")
+        original = small
+        if decoded.size != stored_size:  # decoded at reduced scale: the original needs its own
+            with Image.open(opened()) as image:
+                original = ImageOps.exif_transpose(image).convert("RGB")
         return np.asarray(original), np.array(small.resize((size, size), Image.BILINEAR))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         label = name or ("<bytes>" if isinstance(source, bytes) else source)

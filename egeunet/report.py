@@ -223,7 +223,7 @@ def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
     rows = [
         read_run(p)
         for p in run_folders(runs_dir)
-        if (p / "metrics.json").is_file() and not _last_attempt_failed(p)
+        if (p / "metrics.json").is_file() and _failed_outcome(p) is None
     ]
     table = pd.DataFrame(rows)
     if not table.empty:
@@ -264,10 +264,6 @@ def _failed_outcome(run_dir: Path) -> dict | None:
         return None
     outcome = _read_json(path)
     return outcome if outcome.get("status") == "failed" else None
-
-
-def _last_attempt_failed(run_dir: Path) -> bool:
-    return _failed_outcome(run_dir) is not None
 
 
 def collect_failures(runs_dir: str | Path) -> pd.DataFrame:
