@@ -54,6 +54,7 @@ STUDY_KEYS = {
     "protocols",
     "seeds",
     "variants",
+    "stages",
     "train",
     "data_overview",
     "complexity",
@@ -448,39 +449,88 @@ def training_run_id(dataset: str, protocol: str, variant: str, seed: int) -> str
     return f"{dataset}-{protocol}-{variant}-seed{seed}"
 
 
-def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
-    """03_train once per dataset x protocol x variant x seed."""
-    path = layout.source
-    datasets = _list_of(document, "datasets", str, path)
-    protocols = _list_of(document, "protocols", str, path)
-    seeds = _list_of(document, "seeds", int, path)
+STAGE_KEYS = ("name", "datasets", "protocols", "variants", "seeds")
+
+
+def _stages(document: dict, path: Path) -> list[dict]:
+    """The study's stages, in order: ``stages:`` when the file has it, else one stage of
+    every dataset x protocol x variant x seed. Each stage may narrow ``datasets``,
+    ``protocols``, ``variants`` (names from the top-level ``variants``) and ``seeds``;
+    what it leaves out comes from the top level."""
     variants = document["variants"]
     _require(
         isinstance(variants, dict) and bool(variants),
         path,
         "variants: expected a mapping of variant name -> parameters",
     )
+    everything = {
+        "datasets": _list_of(document, "datasets", str, path),
+        "protocols": _list_of(document, "protocols", str, path),
+        "variants": list(variants),
+        "seeds": _list_of(document, "seeds", int, path),
+    }
+    if "stages" not in document:
+        return [{"name": "all", **everything}]
+    listed = document["stages"]
+    _require(
+        isinstance(listed, list) and bool(listed) and all(isinstance(s, dict) for s in listed),
+        path,
+        "stages: expected a list of mappings (name, datasets, protocols, variants, seeds)",
+    )
+    stages = []
+    for number, stage in enumerate(listed, start=1):
+        where = f"stages[{number}]"
+        for key in stage:
+            _require(key in STAGE_KEYS, path, f"{where}: unknown key {key!r}; use {STAGE_KEYS}")
+        resolved = {"name": str(stage.get("name", f"stage {number}"))}
+        for key, kind in (("datasets", str), ("protocols", str), ("variants", str), ("seeds", int)):
+            if key in stage:
+                resolved[key] = _list_of(stage, key, kind, path)
+                for value in resolved[key]:
+                    _require(
+                        value in everything[key],
+                        path,
+                        f"{where}.{key}: {value!r} is not in the top-level {key}",
+                    )
+            else:
+                resolved[key] = everything[key]
+        stages.append(resolved)
+    return stages
+
+
+def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
+    """03_train once per seed x dataset x protocol x variant of each stage, stage by stage
+    (a run that two stages name runs once, where it first appears)."""
+    path = layout.source
+    variants = document["variants"]
     shared = _section(document, "train", path) or {}
     specs = []
-    for dataset, protocol, (variant, overrides), seed in itertools.product(
-        datasets, protocols, variants.items(), seeds
-    ):
-        _require(
-            isinstance(overrides, dict | None),
-            path,
-            f"variants.{variant}: expected a mapping of parameters",
-        )
-        run_id = training_run_id(dataset, protocol, variant, seed)
-        parameters = {
-            **shared,
-            **(overrides or {}),
-            "dataset": dataset,
-            "data_root": layout.dataset_root(dataset),
-            "protocol": protocol,
-            "seed": seed,
-            "run_dir": str(layout.runs_dir / run_id),
-        }
-        specs.append(layout.spec(run_id, "train", parameters))
+    seen = set()
+    for stage in _stages(document, path):
+        # Seed outermost: every dataset and variant of a stage gets its first seed first.
+        for seed, dataset, protocol, variant in itertools.product(
+            stage["seeds"], stage["datasets"], stage["protocols"], stage["variants"]
+        ):
+            overrides = variants[variant]
+            _require(
+                isinstance(overrides, dict | None),
+                path,
+                f"variants.{variant}: expected a mapping of parameters",
+            )
+            run_id = training_run_id(dataset, protocol, variant, seed)
+            if run_id in seen:
+                continue
+            seen.add(run_id)
+            parameters = {
+                **shared,
+                **(overrides or {}),
+                "dataset": dataset,
+                "data_root": layout.dataset_root(dataset),
+                "protocol": protocol,
+                "seed": seed,
+                "run_dir": str(layout.runs_dir / run_id),
+            }
+            specs.append(layout.spec(run_id, "train", parameters))
     return specs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,9 @@ def reference_checkpoint() -> dict:
     if not REFERENCE_CHECKPOINT.is_file():
         pytest.skip(f"reference checkpoint not found at {REFERENCE_CHECKPOINT}")
     return torch.load(REFERENCE_CHECKPOINT, weights_only=True)
+
+
+# The trainer compiles the channel LayerNorm (egeunet.model.FusedKernels): seconds per
+# process, paid by every test that trains. Tests run the plain ops unless they switch the
+# kernels on themselves (tests/test_fused_kernels.py); subprocesses inherit this.
+os.environ.setdefault("EGEUNET_FUSED_KERNELS", "0")

@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from conftest import REPO_ROOT
 from kernel_helpers import ensure_kernel
 
 from egeunet import cli, study
@@ -235,6 +236,58 @@ def test_study_specs_cover_the_product_with_stable_ids(tmp_path):
     assert spec.run_dir == str(
         (tmp_path / "r" / "tiny" / "runs" / "isic2018-clean-unet-seed2").resolve()
     )
+
+
+def test_stages_run_in_order_of_priority_each_run_once(tmp_path):
+    path = write_study_file(
+        tmp_path / "staged.yaml",
+        datasets=["isic2017", "isic2018"],
+        protocols=["paper", "clean"],
+        seeds=[42, 43],
+        variants={"egeunet": {}, "unet": {"ghpa": False}, "long": {"epochs": 9}},
+        stages=[
+            {"name": "headline", "protocols": ["paper"], "variants": ["egeunet"]},
+            {"datasets": ["isic2017"], "protocols": ["paper"], "variants": ["unet", "egeunet"]},
+            {"datasets": ["isic2017"], "variants": ["long"], "seeds": [42], "protocols": ["paper"]},
+        ],
+    )
+    loaded = study.load_study(path, reports_root=tmp_path / "r")
+    assert [spec.run_id for spec in loaded.train] == [
+        "isic2017-paper-egeunet-seed42",  # seed outermost: both datasets' first seed first
+        "isic2018-paper-egeunet-seed42",
+        "isic2017-paper-egeunet-seed43",
+        "isic2018-paper-egeunet-seed43",
+        "isic2017-paper-unet-seed42",  # stage 2 repeats egeunet: it runs once, in stage 1
+        "isic2017-paper-unet-seed43",
+        "isic2017-paper-long-seed42",
+    ]
+    assert loaded.train[-1].parameters["epochs"] == 9
+    assert loaded.train[0].parameters["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"variants": ["nope"]}], r"stages\[1\]\.variants: 'nope' is not in the top-level"),
+        ([{}, {"seeds": [7]}], r"stages\[2\]\.seeds: 7 is not in the top-level seeds"),
+        ([{"colour": "red"}], r"stages\[1\]: unknown key 'colour'"),
+        ({"name": "x"}, "stages: expected a list of mappings"),
+    ],
+)
+def test_bad_stages_name_the_problem(tmp_path, stages, message):
+    path = write_study_file(tmp_path / "bad.yaml", stages=stages)
+    with pytest.raises(ValueError, match=message):
+        study.load_study(path, reports_root=tmp_path)
+
+
+def test_the_committed_isic_study_file_loads():
+    loaded = study.load_study(REPO_ROOT / "studies" / "isic.yaml", reports_root="unused")
+    ids = [spec.run_id for spec in loaded.train]
+    assert len(ids) == len(set(ids)) == 22
+    assert ids[:2] == ["isic2017-paper-egeunet-seed42", "isic2018-paper-egeunet-seed42"]
+    assert ids[-1] == "isic2017-paper-egeunet-300ep-seed42"
+    assert {spec.parameters["epochs"] for spec in loaded.train[:-1]} == {50}
+    assert loaded.train[-1].parameters["epochs"] == 300
 
 
 def test_run_spec_and_outcome_pickle():

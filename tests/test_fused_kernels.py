@@ -1,0 +1,67 @@
+"""The compiled LayerNorm kernels (egeunet.model.FusedKernels) compute the same function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from egeunet.losses import DeepSupervisionLoss
+from egeunet.model import EGEUNet, FusedKernels, fused_kernels
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "1")
+    if not fused_kernels.enable():
+        pytest.skip(f"torch.compile unavailable here: {fused_kernels.failed}")
+    yield fused_kernels
+    fused_kernels.enable(False)
+
+
+def _loss_and_gradients(model: EGEUNet, x: torch.Tensor, masks: torch.Tensor):
+    model.zero_grad()
+    loss = DeepSupervisionLoss()(model(x), masks)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_training_gradients_match_the_plain_ops(kernels_on):
+    torch.manual_seed(0)
+    model = EGEUNet()
+    x = torch.rand(2, 3, 64, 96) * 255
+    masks = (torch.rand(2, 1, 64, 96) > 0.5).float()
+    fused_loss, fused = _loss_and_gradients(model, x, masks)
+    assert kernels_on.enabled and kernels_on.failed is None  # no silent fallback
+    kernels_on.enable(False)
+    plain_loss, plain = _loss_and_gradients(model, x, masks)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    for name, gradient in plain.items():
+        scale = gradient.abs().max().item()
+        assert (fused[name] - gradient).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "0")
+    kernels = FusedKernels()
+    assert not kernels.enable()
+    assert kernels._forward is None  # nothing compiled
+
+
+def test_a_compiler_failure_falls_back_to_the_plain_ops_with_one_warning(monkeypatch):
+    monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "1")
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: _broken)
+    kernels = FusedKernels()
+    assert kernels.enable()
+    x = torch.randn(2, 5, 4, 4)
+    weight, bias = torch.randn(5), torch.randn(5)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+        out, _, _ = kernels.forward(x, weight, bias, 1e-6)
+    assert not kernels.enabled and "no C++ compiler here" in kernels.failed
+    assert not kernels.enable()  # a failure is remembered
+    mean = x.mean(1, keepdim=True)
+    expected = (x - mean) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
+    torch.testing.assert_close(out, expected * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+
+
+def _broken(*args, **kwargs):
+    raise RuntimeError("no C++ compiler here")
