@@ -66,6 +66,7 @@ from egeunet.losses import DeepSupervisionLoss
 from egeunet.metrics import POOLED_KEYS, THRESHOLD, MetricAccumulator
 from egeunet.model import EGEUNet, EGEUNetConfig, count_parameters, fused_kernels
 from egeunet.predict import comparison_panel, resolve_device, save_png
+from egeunet.threads import AdaptiveThreads
 
 PROTOCOLS = ("paper", "clean", "challenge")
 TEST_SELECTION = "test-set model selection"
@@ -321,12 +322,12 @@ def single_threaded_batches(loader) -> Iterator:
     already run single-threaded; this gives the in-process loader (``num_workers=0``) the
     same setting, and so the same results. The model keeps every thread.
     """
-    threads = torch.get_num_threads()
-    if loader.num_workers > 0 or threads == 1:
+    if loader.num_workers > 0:
         yield from loader
         return
     iterator = iter(loader)
     while True:
+        threads = torch.get_num_threads()  # read each time: the trainer may change it
         torch.set_num_threads(1)
         try:
             batch = next(iterator)
@@ -648,11 +649,17 @@ class Trainer:
     """One run of :func:`train`: owns model, optimiser, loaders and the run folder."""
 
     def __init__(
-        self, config: TrainConfig, run_dir: str | os.PathLike, progress: bool | None
+        self,
+        config: TrainConfig,
+        run_dir: str | os.PathLike,
+        progress: bool | None,
+        threads: int | None = None,
     ) -> None:
         self.config = config
         self.run = RunFolder(Path(run_dir))
         self.device = resolve_device(config.device)
+        # CPU threads: a fixed count, or the cores other processes leave free (None).
+        self.threads = AdaptiveThreads(fixed=threads, adapt=self.device.type == "cpu")
         self.amp = config.amp and self.device.type == "cuda"
         if config.amp and not self.amp:
             print("amp: mixed precision needs CUDA; training in float32", file=sys.stderr)
@@ -773,6 +780,12 @@ class Trainer:
             single_threaded_batches(self.train_loader), epoch, len(self.train_loader)
         )
         for batch, (images, masks) in enumerate(batches, start=1):
+            threads = torch.get_num_threads()
+            if self.threads.check() != threads:
+                self.progress.line(
+                    f"epoch {epoch}, batch {batch}: {torch.get_num_threads()} torch threads "
+                    f"(other processes keep {self.threads.changes[-1][0]} cores busy)"
+                )
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.amp):
@@ -879,14 +892,17 @@ def train(
     progress: bool | None = None,
     *,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train ``config`` into ``run_dir`` and return the final metrics (also metrics.json).
 
     ``progress``: tqdm bars (True), epoch lines only (False), or bars when stderr is a
     terminal (None). ``on_epoch_end(epoch, history_row)`` runs after each epoch's
-    checkpoints are written. Raises :class:`TrainingDiverged` on a non-finite loss.
+    checkpoints are written. ``threads``: torch threads on CPU; None follows the cores
+    other processes leave free (:class:`egeunet.threads.AdaptiveThreads`). Raises
+    :class:`TrainingDiverged` on a non-finite loss.
     """
-    trainer = Trainer(config, run_dir, progress)
+    trainer = Trainer(config, run_dir, progress, threads)
     trainer.start(resume)
     if resume and trainer.state.epoch >= config.epochs and trainer.run.metrics.is_file():
         return json.loads(trainer.run.metrics.read_text(encoding="utf-8"))

@@ -158,6 +158,16 @@ def format_metrics(document: dict) -> str:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _progress_choice(text: str) -> bool | None:
     return {"auto": None, "bars": True, "lines": False}[text]
 
@@ -169,7 +179,11 @@ def run_train(args: argparse.Namespace) -> int:
     )
     try:
         document = train(
-            config, run_dir, resume=args.resume, progress=_progress_choice(args.progress)
+            config,
+            run_dir,
+            resume=args.resume,
+            progress=_progress_choice(args.progress),
+            threads=args.threads,
         )
     except TrainingDiverged as error:
         print(f"egeunet train: {error}", file=sys.stderr)
@@ -238,6 +252,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("auto", "bars", "lines"),
         default="auto",
         help="tqdm bars, one line per epoch, or bars only in a terminal (default auto)",
+    )
+    train_parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads on CPU (default: the cores other processes leave free, "
+        "re-checked every 10 s of training)",
     )
     _add_config_options(train_parser)
     train_parser.set_defaults(func=run_train)

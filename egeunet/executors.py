@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -87,12 +88,11 @@ def make_executor(
     ):
         raise ValueError(f"executor: workers must be an integer >= 1, got {workers!r}")
     if kind == "local":
-        if scheduler is not None or workers is not None:
+        if scheduler is not None:
             raise ValueError(
-                "executor: --scheduler and --workers apply to the dask executor only "
-                "(use --executor dask)"
+                "executor: --scheduler applies to the dask executor only (use --executor dask)"
             )
-        return LocalExecutor(run_fn=run_fn)
+        return LocalExecutor(run_fn=run_fn, workers=workers or 1, log=log)
     if scheduler is not None and workers is not None:
         raise ValueError(
             "executor: give either --scheduler (an existing cluster, which has its own workers) "
@@ -127,16 +127,31 @@ class Executor(abc.ABC):
 
 
 class LocalExecutor(Executor):
-    """Runs each spec in this process, one after another, with the spec as given."""
+    """Runs the specs on this machine, ``workers`` at a time.
 
-    def __init__(self, run_fn: RunFunction | None = None) -> None:
+    One worker runs each spec in this process, one after another, with the spec as given.
+    More workers run that many specs side by side, each in a child process of its own
+    (``run_fn`` must then be picklable: a top-level function), with this machine's cores
+    shared out as ``max(1, cores // workers)`` threads per run (a smaller ``threads`` in
+    the spec is kept). The progress lines of a ``run_fn`` taking a ``log`` argument (like
+    execute_run) come back through a queue to ``log``. This process only waits on its
+    children and that queue; it adds no polling of its own.
+    """
+
+    def __init__(
+        self, run_fn: RunFunction | None = None, workers: int = 1, log: Log | None = None
+    ) -> None:
         self._run_fn = run_fn
+        self.workers = workers
+        self._log = log or _print_line
 
     def run(
         self, specs: Sequence[RunSpec], on_event: EventHandler | None = None
     ) -> list[RunOutcome]:
         run_fn = self._run_fn or default_run_function()
         notify = on_event or _ignore_event
+        if self.workers > 1 and len(specs) > 1:
+            return self._run_side_by_side(run_fn, specs, notify)
         outcomes = []
         for spec in specs:
             notify("start", spec, None)
@@ -151,8 +166,75 @@ class LocalExecutor(Executor):
             outcomes.append(outcome)
         return outcomes
 
+    def _run_side_by_side(
+        self, run_fn: RunFunction, specs: Sequence[RunSpec], notify: EventHandler
+    ) -> list[RunOutcome]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        placement = Placement(max(1, len(_usable_cpus()) // self.workers), None)
+        placed = [place_spec(spec, placement) for spec in specs]
+        outcomes: list[RunOutcome | None] = [None] * len(specs)
+        waiting = deque(range(len(specs)))
+        running: dict = {}  # future -> (index, start time, its pool)
+        context = multiprocessing.get_context("spawn")  # no forked torch or threads
+        lines = context.SimpleQueue()
+        relay = threading.Thread(target=_relay_lines, args=(lines, self._log), daemon=True)
+        relay.start()
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.workers:
+                    index = waiting.popleft()
+                    notify("start", placed[index], None)
+                    # A pool per run: a child that dies breaks only its own run's pool.
+                    pool = ProcessPoolExecutor(
+                        1, mp_context=context, initializer=_set_line_queue, initargs=(lines,)
+                    )
+                    future = pool.submit(_run_in_child, run_fn, placed[index])
+                    running[future] = (index, time.monotonic(), pool)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, started, pool = running.pop(future)
+                    pool.shutdown()
+                    try:
+                        outcome = future.result()
+                    except Exception as error:  # the child died or the run function raised
+                        outcome = failed_outcome(
+                            placed[index],
+                            f"{type(error).__name__}: {error}",
+                            time.monotonic() - started,
+                        )
+                    notify("end", placed[index], outcome)
+                    outcomes[index] = outcome
+        finally:
+            for _, _, pool in running.values():  # interrupted: children end with this process
+                pool.shutdown(wait=False, cancel_futures=True)
+        lines.put(None)  # every child has exited: nothing more can come
+        relay.join()
+        return [outcome for outcome in outcomes if outcome is not None]
+
     def close(self) -> None:
-        """Nothing to release: runs happen in this process."""
+        """Nothing to release: a pool of child processes lives only inside run()."""
+
+
+_child_lines = None  # a side-by-side child's queue of progress lines (set per process)
+
+
+def _set_line_queue(lines) -> None:
+    global _child_lines
+    _child_lines = lines
+
+
+def _run_in_child(run_fn: RunFunction, spec: RunSpec) -> RunOutcome:
+    """A side-by-side run in its child process, its progress lines sent to the parent."""
+    if "log" not in inspect.signature(run_fn).parameters or _child_lines is None:
+        return run_fn(spec)
+    return run_fn(spec, log=lambda line: _child_lines.put(str(line)))
+
+
+def _relay_lines(lines, log: Log) -> None:
+    while (line := lines.get()) is not None:
+        log(line)
 
 
 class DaskExecutor(Executor):

@@ -760,14 +760,20 @@ def run_study(
 ) -> StudyResult:
     """Check, then run a study: overview notebooks, training runs through the executor,
     then the report. Failed runs are recorded and do not stop the others."""
-    from egeunet.executors import make_executor
+    from egeunet.executors import default_worker_count, make_executor
 
     log = log or _print_line
     check_kernel()
     check_study(study)
+    if executor == "local" and workers is None:
+        # Side by side, one run per core (each with one thread) or per GPU: on 2 CPU cores
+        # two 1-thread runs train ~1.4x the images of one 2-thread run (docs/training.md).
+        workers = min(default_worker_count(), max(1, len(study.train)))
     # Per-epoch lines reach the runner's log: directly in this process, and relayed from
     # dask workers by the executor (a log callable cannot travel to another process).
-    run_fn = functools.partial(execute_run, log=log) if executor == "local" else None
+    # Side-by-side local runs print them from their child processes.
+    in_process = executor == "local" and workers == 1
+    run_fn = functools.partial(execute_run, log=log) if in_process else None
     executor_instance = make_executor(
         executor, scheduler=scheduler, workers=workers, retries=retries, run_fn=run_fn, log=log
     )
@@ -806,7 +812,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--executor", choices=("local", "dask"), default="local")
     study.add_argument("--scheduler", default=None, help="dask scheduler address (dask only)")
     study.add_argument(
-        "--workers", type=int, default=None, help="LocalCluster worker processes (dask only)"
+        "--workers",
+        type=int,
+        default=None,
+        help="runs side by side: local child processes, or the dask LocalCluster's worker "
+        "processes (default: one per GPU, else one per CPU core, each run with one thread)",
     )
     study.add_argument(
         "--retries",

@@ -39,7 +39,7 @@ val_interval: int = 1  # evaluate every this many epochs
 max_train_images: int = 0  # train on the first N training images; 0 for all
 max_eval_images: int = 0  # evaluate on the first N images; 0 for all
 device: str = "auto"  # auto, cpu, cuda or cuda:N
-num_threads: int = 0  # torch threads; 0 for torch's default
+num_threads: int = 0  # torch threads; 0: the cores other processes leave free
 run_dir: str = "runs/notebook"  # the run folder (relative paths start at the working directory)
 resume: bool = False  # continue from run_dir/checkpoints/last.pt
 
@@ -89,7 +89,7 @@ print(config.model.name, config)
 # One line per epoch (the study runner also reports them from `history.csv`).
 
 # %%
-metrics = train(config, run_dir, resume=resume, progress=False)
+metrics = train(config, run_dir, resume=resume, progress=False, threads=num_threads or None)
 save_run_cases(run_dir, device=device)
 
 # %% [markdown]

@@ -34,3 +34,6 @@ def reference_checkpoint() -> dict:
 # process, paid by every test that trains. Tests run the plain ops unless they switch the
 # kernels on themselves (tests/test_fused_kernels.py); subprocesses inherit this.
 os.environ.setdefault("EGEUNET_FUSED_KERNELS", "0")
+# Likewise the trainer's thread count stays fixed in tests (bit-identical resume is tested
+# on a machine that may be busy); tests/test_threads.py covers the adaptation.
+os.environ.setdefault("EGEUNET_ADAPTIVE_THREADS", "0")

@@ -105,7 +105,8 @@ def dask_executor(worker_lines):
         ({"kind": "slurm"}, "kind"),
         ({"kind": "dask", "retries": -1}, "retries"),
         ({"kind": "dask", "workers": 0}, "workers"),
-        ({"kind": "local", "workers": 2}, "dask executor only"),
+        ({"kind": "local", "scheduler": "tcp://127.0.0.1:1"}, "dask executor only"),
+        ({"kind": "local", "workers": 0}, "workers"),
         ({"kind": "dask", "workers": 2, "scheduler": "tcp://127.0.0.1:1"}, "not both"),
     ],
 )
@@ -207,6 +208,38 @@ def test_local_executor_turns_a_raising_run_function_into_a_failed_outcome(tmp_p
 
     outcome = LocalExecutor(run_fn=broken).run(make_specs(tmp_path)[:1])[0]
     assert (outcome.status, outcome.error) == ("failed", "RuntimeError: kernel vanished")
+
+
+def test_local_executor_side_by_side_runs_children_and_relays_their_lines(tmp_path):
+    specs = make_specs(tmp_path, epochs=2, extra={1: {"raise": True}})
+    events = EventLog()
+    lines = []
+    with make_executor("local", workers=2, run_fn=fake_training_run, log=lines.append) as ex:
+        outcomes = ex.run(specs, events)
+    assert [o.run_id for o in outcomes] == [s.run_id for s in specs]  # in the specs' order
+    assert [o.status for o in outcomes] == ["finished", "failed", "finished", "finished"]
+    assert outcomes[3].metrics["value"] == expected_value(4, 2)
+    pids = {o.metrics["pid"] for o in outcomes if o.metrics}
+    assert os.getpid() not in pids and len(pids) == 3  # a fresh child process per run
+    cores = len(os.sched_getaffinity(0))
+    assert {o.metrics["threads"] for o in outcomes if o.metrics} == {max(1, cores // 2)}
+    for spec in specs:  # every start before its end, and at most two at once
+        assert [kind for kind, _ in events.of(spec.run_id)] == ["start", "end"]
+    running = 0
+    for event, _, _ in events.calls:
+        running += 1 if event == "start" else -1
+        assert running <= 2
+    assert sorted(lines) == sorted(
+        f"[{spec.run_id}] epoch {epoch}" for spec in specs if spec != specs[1] for epoch in (1, 2)
+    )
+
+
+def test_local_executor_side_by_side_survives_a_child_that_dies(tmp_path):
+    specs = make_specs(tmp_path, epochs=3, extra={0: {"die_at_epoch": 1}})
+    outcomes = LocalExecutor(run_fn=fake_training_run, workers=2).run(specs[:2])
+    assert outcomes[0].status == "failed" and "BrokenProcessPool" in outcomes[0].error
+    assert outcomes[1].status == "finished"  # the other run is unaffected
+    assert outcomes[1].metrics["value"] == expected_value(2, 3)
 
 
 # --- the dask executor on a real LocalCluster ---------------------------------------------
