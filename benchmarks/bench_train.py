@@ -1,31 +1,49 @@
-"""Training and inference speed of EGE-UNet on this machine; prints figures, asserts nothing.
+"""Training and inference speed of EGE-UNet on this machine, as ratios to a baseline measured
+in the same run; prints figures, asserts nothing.
 
-    python benchmarks/bench_train.py [--data-root DIR] [--batches 25] [--repeats 3] [--threads N]
+    python benchmarks/bench_train.py [--data-root DIR] [--batches 25] [--repeats 3]
+                                     [--threads N] [--skip-aggregate] [--skip-contention]
 
-Figures, at 256x256 and batch 8 unless told otherwise:
+Absolute images/s differ two- to three-fold between machines of the same nominal kind, so
+every figure is also given as a ratio to the **baseline**: a plain-PyTorch implementation
+of the published formulas (NCHW layout, autograd through the written-out channel
+LayerNorm, ``F.binary_cross_entropy_with_logits``, per-tensor AdamW), its forward +
+backward + AdamW step alone on one fixed batch (8 x 256 x 256), no data loading. Figures:
 
+* baseline: that step, and its eval-mode latency at batch 1;
 * whole pipeline: the engine's own training epoch (cached uint8 data, normalisation,
   augmentation, forward, loss, backward, AdamW step) on ISIC 2017 prepared from
   ``<repo>/../shared/data/isic2017`` (or ``--data-root``), else on the synthetic set;
-* forward + backward + step alone, on one fixed batch;
-* inference latency per image at batch 1 and batch 8 (eval mode, inference_mode);
-* torch's thread count and the load average, since other processes on a small machine
-  change every figure.
+* our forward + backward + step alone (same batch as the baseline);
+* a study's aggregate: two whole pipelines side by side, one thread each, in two
+  processes (how ``egeunet study`` runs on a 2-core machine);
+* evaluation: the engine's evaluation pass (no autograd) over up to 650 images;
+* inference latency per image at batch 1 and 8 (eval mode, inference_mode);
+* contention: the whole pipeline while a busy-loop process (started and stopped here)
+  keeps one core busy, with the trainer's adaptive threads and with 2 fixed threads,
+  against one thread on an idle core.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ISIC2017 = REPO.parent / "shared" / "data" / "isic2017"
+BUSY_LOOP = "while True: pass"
 
 
 def _best_rate(run, images_per_call: int, calls: int, repeats: int) -> float:
@@ -39,43 +57,53 @@ def _best_rate(run, images_per_call: int, calls: int, repeats: int) -> float:
     return best
 
 
-def whole_pipeline(
-    data_root: Path | None, batches: int, size: int, batch_size: int, repeats: int
-) -> tuple[str, list[float]]:
-    """Images per second of ``repeats`` timed training epochs of ``batches`` batches each,
-    after one warm-up epoch."""
-    from egeunet.engine import TrainConfig, Trainer
+@contextlib.contextmanager
+def published_baseline():
+    """The model and loss as the published code computes them: written-out LayerNorm with
+    autograd, ATen's BCE, NCHW layout (set by the caller on the model), no fused kernels."""
+    from egeunet import losses
+    from egeunet.model import ChannelLayerNorm, fused_kernels
 
-    dataset = "isic2017" if data_root is not None else "synthetic"
-    config = TrainConfig(
-        dataset=dataset,
-        data_root=str(data_root) if data_root else None,
-        image_size=size,
-        batch_size=batch_size,
-        epochs=repeats + 1,
-        max_train_images=batches * batch_size,
-        max_eval_images=batch_size,
-        device="cpu",
-    )
-    rates = []
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, run_dir, progress=False)
-        trainer.train_epoch(1)  # warm-up: first-call allocations, page cache
-        for epoch in range(2, repeats + 2):
-            started = time.perf_counter()
-            _, images = trainer.train_epoch(epoch)
-            rates.append(images / (time.perf_counter() - started))
-    return f"{dataset} ({len(trainer.prepared)} prepared images)", rates
+    def written_out(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+    was_enabled = fused_kernels.enabled
+    fused_kernels.enable(False)
+    try:
+        with (
+            mock.patch.object(ChannelLayerNorm, "forward", written_out),
+            mock.patch.object(
+                losses, "binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits
+            ),
+        ):
+            yield
+    finally:
+        fused_kernels.enable(was_enabled)
 
 
-def model_only(size: int, batch_size: int, calls: int) -> float:
-    from egeunet.losses import DeepSupervisionLoss
+def _model(baseline: bool):
     from egeunet.model import EGEUNet
 
     torch.manual_seed(0)
     model = EGEUNet()
+    if baseline:
+        model.to(memory_format=torch.contiguous_format)
+    return model
+
+
+def step_rate(size: int, batch_size: int, calls: int, baseline: bool) -> float:
+    """Forward + backward + AdamW step alone on one fixed batch, images/s."""
+    from egeunet.losses import DeepSupervisionLoss
+    from egeunet.model import fused_kernels
+
+    model = _model(baseline)
     loss_fn = DeepSupervisionLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-3, weight_decay=1e-2, foreach=not baseline
+    )
     images = torch.rand(batch_size, 3, size, size) * 255
     masks = (torch.rand(batch_size, 1, size, size) > 0.5).float()
 
@@ -85,22 +113,118 @@ def model_only(size: int, batch_size: int, calls: int) -> float:
         loss.backward()
         optimizer.step()
 
-    step()
-    return _best_rate(step, batch_size, calls, repeats=3)
+    context = published_baseline() if baseline else contextlib.nullcontext()
+    with context:
+        if not baseline:
+            fused_kernels.enable()
+        step()
+        step()
+        return _best_rate(step, batch_size, calls, repeats=3)
 
 
-def inference_ms_per_image(size: int, batch_size: int, calls: int) -> float:
-    from egeunet.model import EGEUNet
-
-    model = EGEUNet().eval()
+def inference_ms_per_image(size: int, batch_size: int, calls: int, baseline: bool) -> float:
+    model = _model(baseline).eval()
     images = torch.rand(batch_size, 3, size, size) * 255
 
     def run() -> None:
         with torch.inference_mode():
             model(images)
 
-    run()
-    return 1000.0 / _best_rate(run, batch_size, calls, repeats=3)
+    with published_baseline() if baseline else contextlib.nullcontext():
+        run()
+        return 1000.0 / _best_rate(run, batch_size, calls, repeats=3)
+
+
+def _trainer(data_root: Path | None, batches: int, size: int, batch_size: int, run_dir: str):
+    from egeunet.engine import TrainConfig, Trainer
+
+    config = TrainConfig(
+        dataset="isic2017" if data_root is not None else "synthetic",
+        data_root=str(data_root) if data_root else None,
+        image_size=size,
+        batch_size=batch_size,
+        epochs=100,
+        max_train_images=batches * batch_size,
+        device="cpu",
+    )
+    threads = None if os.environ.get("BENCH_THREADS") is None else int(os.environ["BENCH_THREADS"])
+    return Trainer(config, run_dir, progress=False, threads=threads)
+
+
+def whole_pipeline(
+    data_root: Path | None, batches: int, size: int, batch_size: int, repeats: int
+) -> dict:
+    """Images/s of ``repeats`` timed training epochs of ``batches`` batches each, after one
+    warm-up epoch (compilation, first-call allocations, page cache), and of one evaluation
+    pass over the protocol's validation part (with the paper protocol on ISIC 2017: the
+    650 test images, evaluated after every epoch)."""
+    from egeunet.engine import evaluate_loader
+
+    rates = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = _trainer(data_root, batches, size, batch_size, run_dir)
+        trainer.train_epoch(1)
+        for epoch in range(2, repeats + 2):
+            started = time.perf_counter()
+            _, images = trainer.train_epoch(epoch)
+            rates.append(images / (time.perf_counter() - started))
+        started = time.perf_counter()
+        evaluate_loader(
+            trainer.model, trainer.val_loader, trainer.splits.val, trainer.loss_fn, trainer.device
+        )
+        eval_rate = len(trainer.splits.val) / (time.perf_counter() - started)
+    return {
+        "data": f"{trainer.prepared.name} ({len(trainer.prepared)} prepared images)",
+        "rates": rates,
+        "median": statistics.median(rates),
+        "eval_rate": eval_rate,
+        "eval_images": len(trainer.splits.val),
+        "threads_at_end": torch.get_num_threads(),
+        "thread_changes": trainer.threads.changes,
+    }
+
+
+def pipeline_in_subprocesses(
+    args: argparse.Namespace, data_root: Path | None, count: int, threads: int | None
+) -> list[dict]:
+    """``count`` whole pipelines at once, each in its own process with ``threads`` threads
+    (None: the trainer's adaptive threads)."""
+    command = [sys.executable, __file__, "--pipeline-only", "--batches", str(args.batches)]
+    command += ["--repeats", str(args.repeats), "--image-size", str(args.image_size)]
+    command += ["--batch-size", str(args.batch_size)]
+    command += ["--data-root", str(data_root)] if data_root else ["--synthetic"]
+    environment = {k: v for k, v in os.environ.items() if k != "BENCH_THREADS"}
+    if threads is None:
+        environment["EGEUNET_ADAPTIVE_THREADS"] = "1"
+    else:
+        environment.update(BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
+        for _ in range(count)
+    ]
+    results = []
+    for process in processes:
+        out, _ = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"benchmark subprocess failed (exit {process.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@contextlib.contextmanager
+def busy_core():
+    """A process spinning on one core for the duration of the block."""
+    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x"
 
 
 def main() -> None:
@@ -111,33 +235,84 @@ def main() -> None:
         "--data-root", type=Path, help="ISIC 2017 folder (default: shared data if present)"
     )
     parser.add_argument(
-        "--batches", type=int, default=25, help="batches timed for the whole pipeline"
+        "--batches", type=int, default=25, help="batches per timed whole-pipeline epoch"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of the whole pipeline")
     parser.add_argument(
-        "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
+        "--threads", type=int, help="torch threads of the single-run figures (default: all)"
     )
+    parser.add_argument("--synthetic", action="store_true", help="the synthetic set, not ISIC")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip-aggregate", action="store_true", help="no side-by-side runs")
+    parser.add_argument("--skip-contention", action="store_true", help="no busy-core figures")
+    parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    data_root = args.data_root or (DEFAULT_ISIC2017 if DEFAULT_ISIC2017.is_dir() else None)
+    if args.synthetic:
+        data_root = None
+    size, batch = args.image_size, args.batch_size
+    if args.pipeline_only:  # one side of the aggregate or contention figures, as JSON
+        result = whole_pipeline(data_root, args.batches, size, batch, args.repeats)
+        print(json.dumps({k: v for k, v in result.items() if k != "data"}))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_root = args.data_root or (DEFAULT_ISIC2017 if DEFAULT_ISIC2017.is_dir() else None)
-    size, batch = args.image_size, args.batch_size
+    threads = torch.get_num_threads()
+    os.environ["BENCH_THREADS"] = str(threads)  # the single-run figures: fixed threads
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"torch {torch.__version__}, threads {threads}, cpus {os.cpu_count()}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    data, rates = whole_pipeline(data_root, args.batches, size, batch, args.repeats)
+    calls = max(3, args.batches // 5)
+    baseline = step_rate(size, batch, calls, baseline=True)
+    baseline_ms = inference_ms_per_image(size, 1, calls=10, baseline=True)
     print(
-        f"training, whole pipeline on {data}, {size}x{size}, batch {batch}: "
-        f"{statistics.median(rates):.1f} images/s (median of {len(rates)} epochs of "
-        f"{args.batches} batches; min {min(rates):.1f}, max {max(rates):.1f})"
+        f"baseline (published formulas, NCHW, plain autograd), forward+backward+step, "
+        f"batch {batch}: {baseline:.1f} images/s; eval latency batch 1: {baseline_ms:.1f} ms"
     )
-    rate = model_only(size, batch, calls=max(3, args.batches // 5))
-    print(f"training, forward+backward+step alone, batch {batch}: {rate:.1f} images/s")
+    pipeline = whole_pipeline(data_root, args.batches, size, batch, args.repeats)
+    rates = pipeline["rates"]
+    print(
+        f"training, whole pipeline on {pipeline['data']}, {size}x{size}, batch {batch}: "
+        f"{pipeline['median']:.1f} images/s = {_ratio(pipeline['median'], baseline)} baseline "
+        f"(median of {len(rates)} epochs of {args.batches} batches; min {min(rates):.1f}, "
+        f"max {max(rates):.1f})"
+    )
+    ours = step_rate(size, batch, calls, baseline=False)
+    print(
+        f"training, forward+backward+step alone, batch {batch}: {ours:.1f} images/s = "
+        f"{_ratio(ours, baseline)} baseline"
+    )
+    print(
+        f"evaluation pass after an epoch ({pipeline['eval_images']} validation images, no "
+        f"autograd): {pipeline['eval_rate']:.1f} images/s = "
+        f"{_ratio(pipeline['eval_rate'], baseline)} baseline training rate"
+    )
     for inference_batch in (1, 8):
-        ms = inference_ms_per_image(size, inference_batch, calls=10)
-        print(f"inference latency, batch {inference_batch}: {ms:.1f} ms/image")
+        ms = inference_ms_per_image(size, inference_batch, calls=10, baseline=False)
+        relative = f" = {ms / baseline_ms:.2f}x baseline latency" if inference_batch == 1 else ""
+        print(f"inference latency, batch {inference_batch}: {ms:.1f} ms/image{relative}")
+
+    if not args.skip_aggregate:
+        side_by_side = pipeline_in_subprocesses(args, data_root, count=2, threads=1)
+        total = sum(result["median"] for result in side_by_side)
+        each = ", ".join(f"{result['median']:.1f}" for result in side_by_side)
+        print(
+            f"study aggregate, two runs side by side with 1 thread each: {total:.1f} images/s "
+            f"({each}) = {_ratio(total, baseline)} baseline; one 2-thread run: "
+            f"{pipeline['median']:.1f}"
+        )
+    if not args.skip_contention:
+        (idle_one,) = pipeline_in_subprocesses(args, data_root, count=1, threads=1)
+        with busy_core():
+            (adaptive,) = pipeline_in_subprocesses(args, data_root, count=1, threads=None)
+            (fixed_two,) = pipeline_in_subprocesses(args, data_root, count=1, threads=2)
+        print(
+            f"contention, one core kept busy by another process: adaptive threads "
+            f"{adaptive['median']:.1f} images/s (ended on {adaptive['threads_at_end']} "
+            f"thread(s)) = {adaptive['median'] / idle_one['median']:.2f}x one idle core "
+            f"({idle_one['median']:.1f}); 2 fixed threads {fixed_two['median']:.1f}"
+        )
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
