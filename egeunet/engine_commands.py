@@ -212,6 +212,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         recursive=args.recursive,
         overlays=not args.no_overlays,
+        overwrite=args.overwrite,
     )
     print(summary.message())
     return 0 if summary.written or not summary.failed else 1
@@ -272,7 +273,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment image files: masks at original size plus overlays",
         description="Segment images PIL can read; writes <name>_mask.png (0/255, original "
         "size) and <name>_overlay.png per image and summary.json. Unreadable files are "
-        "reported and skipped. Exit code 1 only when nothing could be predicted.",
+        "reported and skipped. Files in --output that predict did not write are never "
+        "replaced. Exit code 1 only when nothing could be predicted.",
     )
     predict_parser.add_argument(
         "--checkpoint", required=True, help="a .pt file (ours or the authors')"
@@ -288,4 +290,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict_parser.add_argument("--recursive", action="store_true", help="also search subfolders")
     predict_parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    predict_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs an earlier predict wrote into --output (other files never are)",
+    )
     predict_parser.set_defaults(func=run_predict)

@@ -18,25 +18,52 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from data_helpers import (
     ISIC2017_TRAIN,
+    image_bytes,
     isic_id,
     write_isic_folders,
     zip_folder,
 )
+from engine_helpers import TINY_MODEL, save_tiny_checkpoint
 from http_helpers import serving
+from PIL import Image
 
 import egeunet
 import egeunet.data.prepare as prepare_module
+from egeunet.checkpoint import model_payload, save_checkpoint
 from egeunet.cli import main
 from egeunet.data import PreparedDataset, get_prepared, prepare_dataset
 from egeunet.data.download import download_isic
 from egeunet.fileio import FolderBusy, folder_lock, sha256_file
+from egeunet.model import EGEUNet
+from egeunet.predict import predict, read_image
 
 DEAD_PID = 999999999  # above any pid_max: no such process
 PACKAGE_ROOT = Path(egeunet.__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "synthetic_cache")
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    save_tiny_checkpoint(tmp_path / "tiny.pt")
+    return tmp_path / "tiny.pt"
+
+
+def random_image(path: Path, seed: int, size: tuple[int, int] = (30, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -45,10 +72,82 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def predict_with(checkpoint: Path, capsys, tmp_path: Path) -> tuple[int, str]:
+    """(exit code, stderr) of ``egeunet predict`` with ``checkpoint`` on one new image."""
+    image = tmp_path / "photo.png"
+    random_image(image, 1)
+    argv = ("predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output")
+    return run_cli(capsys, *argv, str(tmp_path / "out"))
+
+
 def package_subprocess(code: str, *args: str, **kwargs) -> subprocess.Popen:
     """``python -c code args`` importing this checkout's egeunet."""
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **kwargs)
+
+
+# --- 1. predict never overwrites what it did not write ------------------------------------
+
+
+def test_predict_refuses_to_overwrite_a_users_mask_and_never_segments_it(
+    checkpoint, tmp_path, capsys
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    random_image(folder / "good1.jpg", 1)
+    random_image(folder / "good2.jpg", 2)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:20, 10:30] = 255
+    Image.fromarray(mask).save(folder / "good1_mask.png")  # the user's real mask
+    before = files_below(folder)
+    argv = ("predict", "--checkpoint", str(checkpoint), "--input", str(folder))
+    code, err = run_cli(capsys, *argv, "--output", str(folder))
+    assert code == 2
+    assert f"{folder / 'good1_mask.png'} exists and was not written by predict" in err
+    assert files_below(folder) == before  # nothing replaced, nothing added
+    code, err = run_cli(capsys, *argv, "--output", str(folder), "--overwrite")
+    assert code == 2 and "was not written by predict" in err  # --overwrite is for its own
+    assert files_below(folder) == before
+
+
+def test_predict_replaces_its_own_outputs_only_with_overwrite(checkpoint, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    random_image(folder / "a.png", 1)
+    predict(checkpoint, folder, out)
+    pictures = {name: data for name, data in files_below(out).items() if name.endswith(".png")}
+    assert sorted(pictures) == ["a_mask.png", "a_overlay.png"]
+    with pytest.raises(
+        ValueError, match=r"a_mask\.png .*exists from an earlier predict.*--overwrite"
+    ):
+        predict(checkpoint, folder, out)
+    predict(checkpoint, folder, out, overwrite=True)
+    assert {name: files_below(out)[name] for name in pictures} == pictures  # rewritten
+    (out / "a_mask.png").write_bytes(image_bytes(np.zeros((30, 40), np.uint8), "PNG"))
+    with pytest.raises(ValueError, match=r"a_mask\.png exists and was not written by predict"):
+        predict(checkpoint, folder, out, overwrite=True)  # the user changed it since
+
+
+def test_predict_does_not_segment_its_own_outputs_inside_the_input(checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    random_image(folder / "a.png", 1)
+    random_image(folder / "sub" / "b.png", 2)
+    out = folder / "out"
+    first = predict(checkpoint, folder, out, recursive=True)
+    second = predict(checkpoint, folder, out, recursive=True, overwrite=True)
+    inputs = [str(folder / "a.png"), str(folder / "sub" / "b.png")]
+    assert first.written == second.written == inputs
+    assert not list(folder.rglob("*_mask_mask.png"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == {
+        inputs[0]: {"mask": "a_mask.png", "overlay": "a_overlay.png"},
+        inputs[1]: {"mask": "sub/b_mask.png", "overlay": "sub/b_overlay.png"},
+    }
+    # Written into the input folder itself: its outputs are not inputs of the next run.
+    inside = predict(checkpoint, folder / "sub", folder / "sub")
+    again = predict(checkpoint, folder / "sub", folder / "sub", overwrite=True)
+    assert inside.written == again.written == [inputs[1]]
 
 
 # --- 2. one training per run folder --------------------------------------------------------
@@ -150,6 +249,36 @@ def test_downloads_clean_up_what_killed_runs_left(isic_server, tmp_path):
     assert leftovers == ["tmpnotempty"]
 
 
+# --- 4. 16-bit greyscale ------------------------------------------------------------------
+
+
+def grey16_pair(folder: Path) -> tuple[Path, Path]:
+    """The same gradient as a 16-bit greyscale PNG and as the 8-bit PNG it stands for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wide = (np.arange(40 * 48).reshape(40, 48) * 34).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "wide.png")
+    narrow = ((wide.astype(np.int64) + 128) // 257).astype(np.uint8)
+    Image.fromarray(np.stack([narrow] * 3, axis=-1)).save(folder / "narrow.png")
+    assert Image.open(folder / "wide.png").mode == "I;16"
+    return folder / "wide.png", folder / "narrow.png"
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped_in_prepare_and_predict(tmp_path):
+    root = tmp_path / "authors"
+    wide, narrow = grey16_pair(root / "train" / "images")
+    (root / "train" / "masks").mkdir()
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 10:30] = 255
+    for stem in ("wide", "narrow"):
+        Image.fromarray(mask).save(root / "train" / "masks" / f"{stem}_mask.png")
+    prepared = PreparedDataset(prepare_dataset("folder", root, tmp_path / "prepared", 32))
+    rows = prepared.index_of(["wide", "narrow"])
+    np.testing.assert_array_equal(prepared.images[rows[0]], prepared.images[rows[1]])
+    original, model_input = read_image(wide, 32)
+    np.testing.assert_array_equal(original, read_image(narrow, 32)[0])
+    np.testing.assert_array_equal(model_input, prepared.images[rows[0]])
+
+
 # --- 7, 8. prepare: a damaged zip member, --out naming a file -------------------------------
 
 
@@ -190,6 +319,42 @@ def test_prepare_out_naming_a_file_fails_before_decoding(tmp_path, capsys, monke
     (folder / "notes.txt").write_text("mine too")
     code, err = run_cli(capsys, *argv, "--out", str(folder), "--size", "32")
     assert code == 2 and f"refusing to replace {folder}: it is not empty" in err
+
+
+# --- 9, 10. bad config values, a damaged train config in a checkpoint -----------------------
+
+
+def test_a_train_config_that_is_not_a_mapping_is_a_clean_error(tmp_path, capsys):
+    path = tmp_path / "odd.pt"
+    save_checkpoint(path, model_payload(EGEUNet(TINY_MODEL), train_config="image_size: 32"))
+    expected = f"checkpoint {path} has a damaged train config: expected a mapping, got str"
+    assert predict_with(path, capsys, tmp_path) == (2, f"egeunet predict: error: {expected}\n")
+    code, err = run_cli(capsys, "evaluate", "--checkpoint", str(path), "--dataset", "synthetic")
+    assert code == 2 and expected in err
+
+
+# --- Checkpoints: NaN weights, unsafe files, best.pt as last.pt -----------------------------
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
+    model = EGEUNet(TINY_MODEL)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    path = tmp_path / "nan.pt"
+    save_checkpoint(path, model_payload(model, train_config={"image_size": 32}))
+    code, err = predict_with(path, capsys, tmp_path)
+    assert code == 2 and f"checkpoint {path} has NaN or infinite weights (head.weight)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_unsafe_checkpoint_refusal_gives_no_advice_to_load_unsafely(tmp_path, capsys):
+    path = tmp_path / "unsafe.pt"
+    torch.save({"where": Path("/etc")}, path)
+    code, err = predict_with(path, capsys, tmp_path)
+    assert code == 2 and f"checkpoint {path} could not be read" in err
+    assert "never runs code" in err and "PosixPath" in err
+    for advice in ("weights_only", "Re-running", "safe_globals", "trust"):
+        assert advice not in err
 
 
 # --- Leftovers, damaged caches, messages ---------------------------------------------------
@@ -252,6 +417,18 @@ def test_a_truncated_cached_array_is_detected_against_the_manifest(tmp_path):
         PreparedDataset(prepared.root).images  # noqa: B018
     rebuilt = get_prepared("synthetic", size=32, cache_dir=tmp_path, num_synthetic=6)
     np.testing.assert_array_equal(rebuilt.images, expected)  # the cache repaired itself
+
+
+def test_an_unreadable_image_is_named_not_a_bytesio(tmp_path):
+    root = tmp_path / "authors"
+    write_isic_folders(root, ("train/images", "train/masks"), range(3), extras=False)
+    broken = root / "train" / "images" / f"{isic_id(1)}.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError) as caught:
+        prepare_dataset("folder", root, tmp_path / "out", 32)
+    assert str(caught.value) == (f"cannot read image {broken}: not an image format PIL recognises")
+    with pytest.raises(ValueError, match=r"^cannot read image upload\.png: not an image"):
+        read_image(b"not an image", 32, "upload.png")
 
 
 def test_data_splits_kfold_0_is_an_error(tmp_path, capsys):
