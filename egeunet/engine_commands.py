@@ -115,7 +115,10 @@ def read_config_file(path: str | Path) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data = read_config_file(args.config) if args.config else {}
-    model = dict(data.get("model") or {})
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"model: expected a mapping of model fields, got {model!r}")
+    model = dict(model)
     train_types = field_types(TrainConfig)
     model_types = field_types(EGEUNetConfig)
     for dest, text in vars(args).items():

@@ -8,9 +8,11 @@ damaged file, or a value of the wrong kind.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,16 +28,18 @@ from data_helpers import (
     write_isic_folders,
     zip_folder,
 )
-from engine_helpers import TINY_MODEL, save_tiny_checkpoint
+from engine_helpers import TINY, TINY_MODEL, save_tiny_checkpoint
 from http_helpers import serving
 from PIL import Image
 
 import egeunet
 import egeunet.data.prepare as prepare_module
-from egeunet.checkpoint import model_payload, save_checkpoint
+from egeunet import engine
+from egeunet.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from egeunet.cli import main
 from egeunet.data import PreparedDataset, get_prepared, prepare_dataset
 from egeunet.data.download import download_isic
+from egeunet.engine import train
 from egeunet.fileio import FolderBusy, folder_lock, sha256_file
 from egeunet.model import EGEUNet
 from egeunet.predict import predict, read_image
@@ -44,6 +48,19 @@ DEAD_PID = 999999999  # above any pid_max: no such process
 PACKAGE_ROOT = Path(egeunet.__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "synthetic_cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "finished"
+    train(TINY, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    """A copy of the finished run a test may change."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 @pytest.fixture
@@ -151,6 +168,31 @@ def test_predict_does_not_segment_its_own_outputs_inside_the_input(checkpoint, t
 
 
 # --- 2. one training per run folder --------------------------------------------------------
+
+
+def test_a_run_folder_is_locked_while_a_process_trains_in_it(run_copy):
+    lock = run_copy / ".train.lock"
+    holder = package_subprocess(
+        "import sys, time\n"
+        "from egeunet.fileio import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'run folder'):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n",
+        str(lock),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = rf"run folder {re.escape(str(run_copy))} is in use by process {holder.pid}"
+        with pytest.raises(FolderBusy, match=message):
+            train(TINY, run_copy, resume=True, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert lock.read_text().strip() == str(holder.pid)  # left behind by the killed holder
+    train(TINY, run_copy, resume=True, progress=False)  # a stale lock is taken over
+    assert not lock.exists()
 
 
 def test_the_lock_names_the_holder_in_process_too(tmp_path):
@@ -279,6 +321,60 @@ def test_16_bit_greyscale_is_scaled_not_clipped_in_prepare_and_predict(tmp_path)
     np.testing.assert_array_equal(model_input, prepared.images[rows[0]])
 
 
+# --- 5. history is part of the checkpointed state ------------------------------------------
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The rows of history.csv (none before it is first written)."""
+    if not (run_dir / "history.csv").exists():
+        return []
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("killed_at", [2, 3])
+def test_a_kill_between_last_pt_and_history_loses_no_epoch(killed_at, tmp_path):
+    """Killed after last.pt of epoch ``killed_at`` was written, before history.csv was: in
+    the middle of the run, or at its last epoch (which a resume does not train again)."""
+    run_dir = tmp_path / "run"
+    real_write = engine.write_rows_csv
+
+    class Killed(BaseException):
+        pass
+
+    def write_rows_or_die(path, rows, columns):
+        if path.name == "history.csv" and len(rows) == killed_at:
+            raise Killed
+        real_write(path, rows, columns)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "write_rows_csv", write_rows_or_die)
+        with pytest.raises(Killed):
+            train(TINY, run_dir, progress=False)
+    last = run_dir / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["epoch"] == killed_at
+    assert len(read_history(run_dir)) == killed_at - 1
+    (last.parent / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # a kill mid-save
+    train(TINY, run_dir, resume=True, progress=False)
+    history = read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3]
+    saved = load_checkpoint(last)["training_state"]["history"]
+    assert [float(row["train_loss"]) for row in history] == [row["train_loss"] for row in saved]
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+# --- 6. a user's config.json in --run-dir ---------------------------------------------------
+
+
+def test_a_run_dir_holding_a_users_config_is_refused_not_replaced(tmp_path):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"lr": 0.1, "note": "my own settings"}\n')
+    with pytest.raises(ValueError, match=r"holds .*config\.json, which no egeunet run wrote"):
+        train(TINY, run_dir, progress=False)
+    assert files_below(run_dir) == {"config.json": b'{"lr": 0.1, "note": "my own settings"}\n'}
+
+
 # --- 7, 8. prepare: a damaged zip member, --out naming a file -------------------------------
 
 
@@ -324,6 +420,32 @@ def test_prepare_out_naming_a_file_fails_before_decoding(tmp_path, capsys, monke
 # --- 9, 10. bad config values, a damaged train config in a checkpoint -----------------------
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("betas: 0.9", "betas: expected a list of 2 float values, got 0.9"),
+        ('betas: ["a", "b"]', "betas: expected a list of 2 float values, got ['a', 'b']"),
+        ("model: 5", "model: expected a mapping of model fields, got 5"),
+        ("model: {widths: 8}", "model.widths: expected a list of int values, got 8"),
+        (
+            "model: {widths: [8, 16, 24, 32, 48, 66]}",
+            "model.widths: every width must be a positive multiple of 4, got 66",
+        ),
+        ("lr: .inf", "lr: must be a finite number > 0, got inf"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_name_the_field(text, message, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(text + "\n")
+    code, err = run_cli(capsys, "train", "--config", str(config), "--run-dir", str(tmp_path))
+    assert code == 2 and err == f"egeunet train: error: {message}\n"
+
+
+def test_cli_lr_inf_fails_validation(tmp_path, capsys):
+    code, err = run_cli(capsys, "train", "--lr", "inf", "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and "lr: must be a finite number > 0, got inf" in err
+
+
 def test_a_train_config_that_is_not_a_mapping_is_a_clean_error(tmp_path, capsys):
     path = tmp_path / "odd.pt"
     save_checkpoint(path, model_payload(EGEUNet(TINY_MODEL), train_config="image_size: 32"))
@@ -355,6 +477,13 @@ def test_the_unsafe_checkpoint_refusal_gives_no_advice_to_load_unsafely(tmp_path
     assert "never runs code" in err and "PosixPath" in err
     for advice in ("weights_only", "Re-running", "safe_globals", "trust"):
         assert advice not in err
+
+
+def test_resuming_from_a_best_pt_says_what_is_wrong(run_copy):
+    checkpoints = run_copy / "checkpoints"
+    shutil.copyfile(checkpoints / "best.pt", checkpoints / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt: it is not a training checkpoint .*best\.pt"):
+        train(TINY, run_copy, resume=True, progress=False)
 
 
 # --- Leftovers, damaged caches, messages ---------------------------------------------------
