@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -43,6 +44,7 @@ from egeunet.engine import train
 from egeunet.fileio import FolderBusy, folder_lock, sha256_file
 from egeunet.model import EGEUNet
 from egeunet.predict import predict, read_image
+from egeunet.study import remove_stale_sockets
 
 DEAD_PID = 999999999  # above any pid_max: no such process
 PACKAGE_ROOT = Path(egeunet.__file__).resolve().parents[1]
@@ -565,3 +567,14 @@ def test_data_splits_kfold_0_is_an_error(tmp_path, capsys):
     code, err = run_cli(capsys, "data", "splits", str(out), "--kfold", "0")
     assert code == 2 and "k-fold needs 2 <= k" in err and "got k=0" in err
     assert not list((out / "splits").glob("kfold-*"))
+
+
+def test_stale_kernel_sockets_are_removed_and_live_ones_kept(tmp_path):
+    stale, live = tmp_path / "kernel-ipc-1", tmp_path / "kernel-ipc-2"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))  # closed without unlinking: what a killed kernel leaves
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(live))
+        listening.listen()
+        assert remove_stale_sockets(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
