@@ -15,6 +15,8 @@ Everything is read with ``torch.load(..., weights_only=True)``: no code from a f
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,14 +58,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file fails in many ways (KeyError, ...)
+        if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+            raise ValueError(
+                f"checkpoint {path} could not be read: it holds objects other than tensors "
+                f"and plain values ({_refused_object(error)}); egeunet never runs code from "
+                "a checkpoint, so it cannot load this file"
+            ) from None
         reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         raise ValueError(
-            f"checkpoint {path} could not be read (not a torch checkpoint, damaged, or it "
-            f"holds objects weights_only loading refuses): {reason}"
+            f"checkpoint {path} could not be read (not a torch checkpoint, or damaged): {reason}"
         ) from None
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
     return data
+
+
+def _refused_object(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    found = re.search(r"WeightsUnpickler error: (.+?)(?:\. |\.?$)", str(error), re.MULTILINE)
+    return found.group(1) if found else "refused by weights-only loading"
 
 
 @dataclass
@@ -87,6 +100,17 @@ def _is_state_dict(data: dict) -> bool:
     return bool(data) and all(isinstance(v, Tensor) for v in data.values())
 
 
+def _check_finite(state: dict, path: str | os.PathLike) -> None:
+    """ValueError naming the first tensor of ``state`` holding NaN or infinite values: such
+    weights give meaningless masks (typically empty ones) without any error."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not value.isfinite().all():
+            raise ValueError(
+                f"checkpoint {path} has NaN or infinite weights ({key}); it cannot be used: "
+                "the training that wrote it diverged or the file is damaged"
+            )
+
+
 def load_model(path: str | os.PathLike, config: EGEUNetConfig | None = None) -> LoadedModel:
     """Build the model a checkpoint describes and load its weights (eval mode, CPU).
 
@@ -101,6 +125,12 @@ def load_model(path: str | os.PathLike, config: EGEUNetConfig | None = None) -> 
             state = data["model_state"]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"checkpoint {path} has a damaged model record: {error!r}") from None
+        train_config = data.get("train_config")
+        if train_config is not None and not isinstance(train_config, dict):
+            raise ValueError(
+                f"checkpoint {path} has a damaged train config: expected a mapping, "
+                f"got {type(train_config).__name__}"
+            )
     else:
         state = data.get("model_state_dict", data)
         if not isinstance(state, dict) or not _is_state_dict(state):
@@ -113,6 +143,7 @@ def load_model(path: str | os.PathLike, config: EGEUNetConfig | None = None) -> 
             state = convert_official_state_dict(state, config)
         else:
             layout = "state_dict"
+    _check_finite(state, path)
     model = EGEUNet(config)
     where = f"checkpoint {path} does not fit model {config.name} {config.widths}"
     try:

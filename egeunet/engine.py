@@ -61,7 +61,14 @@ from egeunet.checkpoint import (
 )
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
-from egeunet.fileio import json_safe, require_writable, write_json_atomic, write_text_atomic
+from egeunet.fileio import (
+    folder_lock,
+    json_safe,
+    remove_temporaries,
+    require_writable,
+    write_json_atomic,
+    write_text_atomic,
+)
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.metrics import POOLED_KEYS, THRESHOLD, MetricAccumulator
 from egeunet.model import EGEUNet, EGEUNetConfig, count_parameters, fused_kernels
@@ -131,8 +138,8 @@ class TrainConfig:
             raise ValueError(f"model: expected a model config or dict, got {self.model!r}")
         if self.data_root is not None:
             object.__setattr__(self, "data_root", str(self.data_root))
+        _check_types(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        _check_types(self)
         self._check_values()
 
     def _check_values(self) -> None:
@@ -142,11 +149,11 @@ class TrainConfig:
             ("image_size", self.image_size > 0 and self.image_size % 32 == 0, "a positive multiple of 32"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("t_max", self.t_max >= 1, ">= 1"),
-            ("eta_min", self.eta_min >= 0, ">= 0"),
+            ("eta_min", math.isfinite(self.eta_min) and self.eta_min >= 0, "a finite number >= 0"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
             ("val_interval", self.val_interval >= 1, ">= 1"),
             ("max_train_images", self.max_train_images is None or self.max_train_images >= 1, ">= 1 or null"),
@@ -177,7 +184,11 @@ def _model_config_from_dict(data: dict) -> EGEUNetConfig:
     unknown = sorted(set(data) - {f.name for f in fields(EGEUNetConfig)})
     if unknown:
         raise ValueError(f"unknown model config key(s): {', '.join('model.' + k for k in unknown)}")
-    return EGEUNetConfig(**data)
+    _check_types(EGEUNetConfig, data, prefix="model.")
+    try:
+        return EGEUNetConfig(**data)
+    except ValueError as error:  # its messages start with the field's name
+        raise ValueError(f"model.{error}") from None
 
 
 def field_types(cls: type) -> dict[str, typing.Any]:
@@ -185,34 +196,50 @@ def field_types(cls: type) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_types(config: TrainConfig) -> None:
-    """Reject values of the wrong kind early, naming the field (JSON/YAML give loose types)."""
-    for name, annotation in field_types(TrainConfig).items():
-        value = getattr(config, name)
-        is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-        allowed = typing.get_args(annotation) if is_union else (annotation,)
-        base = {typing.get_origin(a) or a for a in allowed}
-        if value is None and type(None) in base:
-            continue
-        if bool in base:
-            ok = isinstance(value, bool)
-        elif int in base:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif float in base:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif str in base:
-            ok = isinstance(value, str)
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"{name}: expected {_type_name(annotation)}, got {value!r}")
+def _check_types(cls: type, values: dict[str, typing.Any], prefix: str = "") -> None:
+    """Reject values of the wrong kind early, naming the field (JSON/YAML give loose
+    types): ``values`` maps field names of the dataclass ``cls`` to what was given."""
+    annotations = field_types(cls)
+    for name, value in values.items():
+        if not _has_type(value, annotations[name]):
+            raise ValueError(
+                f"{prefix}{name}: expected {_type_name(annotations[name])}, got {value!r}"
+            )
+
+
+def _has_type(value: typing.Any, annotation: typing.Any) -> bool:
+    """Whether a loosely typed ``value`` fits ``annotation`` (lists count as tuples, ints
+    as floats, bools as nothing but bools); other classes are checked where they are built."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            return False
+        if len(items) == 2 and items[1] is Ellipsis:
+            return all(_has_type(v, items[0]) for v in value)
+        return len(value) == len(items) and all(map(_has_type, value, items))
+    if annotation is type(None):
+        return value is None
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if annotation in (int, float):
+        numbers = int if annotation is int else int | float
+        return isinstance(value, numbers) and not isinstance(value, bool)
+    return True
 
 
 def _type_name(annotation: typing.Any) -> str:
-    """``int | None`` -> "int or null", ``<class 'int'>`` -> "int" (for messages)."""
+    """``int | None`` -> "int or null", ``<class 'int'>`` -> "int", ``tuple[int, ...]``
+    -> "a list of int values" (for messages)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation)]
         return " or ".join("null" if n == "NoneType" else n for n in names)
+    if typing.get_origin(annotation) is tuple:
+        items = typing.get_args(annotation)
+        count = "" if items[-1] is Ellipsis else f"{len(items)} "
+        return f"a list of {count}{_type_name(items[0])} values"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -483,6 +510,42 @@ class RunFolder:
     def predictions(self) -> Path:
         return self.root / "predictions"
 
+    @property
+    def lock(self) -> Path:
+        """Held while a process trains here (see :func:`~egeunet.fileio.folder_lock`)."""
+        return self.root / ".train.lock"
+
+    def files(self) -> tuple[Path, ...]:
+        """The files a run writes (predictions/ holds ``<id>.png`` panels besides)."""
+        return (self.config, self.history, self.last, self.best, self.metrics, self.per_image)
+
+    def foreign_file(self) -> Path | None:
+        """A file with a run file's name that no run wrote here, or None: any such file
+        when config.json is not a run description of ours (a user's own config, say)."""
+        if is_run_description(self.config):
+            return None
+        return next((path for path in self.files() if path.exists()), None)
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files killed runs left beside the run's files (call it
+        holding the run's lock)."""
+        for path in self.files():
+            remove_temporaries(path.parent, path.name)
+        remove_temporaries(self.predictions, "*.png")
+
+
+def is_run_description(path: Path) -> bool:
+    """Whether ``path`` is the config.json :func:`train` writes into a run folder."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("config"), dict)
+        and "data_manifest_hash" in data
+    )
+
 
 def package_version() -> str:
     from importlib import metadata
@@ -538,6 +601,31 @@ def _run_description(
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "data_root")
+# What a checkpoint needs to continue a run (last.pt has them; best.pt only the weights).
+TRAINING_STATE_KEYS = (
+    "train_config",
+    "data_manifest_hash",
+    "model_state",
+    "optimizer_state",
+    "scheduler_state",
+    "rng",
+    "loader_generator",
+    "training_state",
+)
+
+
+def _check_training_checkpoint(checkpoint: dict, path: Path) -> None:
+    """ValueError naming ``path`` unless it holds a full training state to resume from."""
+    missing = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(
+            f"cannot resume from {path}: it is not a training checkpoint (it has no "
+            f"{', '.join(missing)}); only the last.pt egeunet train writes holds the full "
+            "training state (best.pt holds the weights only)"
+        )
+    for key in ("train_config", "training_state"):
+        if not isinstance(checkpoint[key], dict):
+            raise ValueError(f"cannot resume from {path}: its {key} is damaged")
 
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
@@ -720,6 +808,12 @@ class Trainer:
                 f"run folder {self.run.root} already holds a run; pass resume=True (--resume) "
                 "to continue it, or choose another folder"
             )
+        foreign = self.run.foreign_file()
+        if foreign is not None:
+            raise ValueError(
+                f"run folder {self.run.root} holds {foreign}, which no egeunet run wrote; "
+                "nothing was replaced: choose another run folder (--run-dir)"
+            )
         write_json_atomic(
             self.run.config,
             _run_description(self.config, self.prepared, self.splits, self.device, self.amp),
@@ -732,6 +826,7 @@ class Trainer:
                 "start the run without resume"
             )
         checkpoint = load_checkpoint(self.run.last)
+        _check_training_checkpoint(checkpoint, self.run.last)
         _check_resumable(checkpoint["train_config"], self.config)
         if checkpoint["data_manifest_hash"] != self.prepared.manifest_hash:
             raise ValueError(
@@ -744,6 +839,9 @@ class Trainer:
         if self.scaler and checkpoint.get("scaler_state"):
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.state = TrainingState(**checkpoint["training_state"])
+        # History is part of the checkpoint: a kill after last.pt but before history.csv
+        # must not lose that epoch's row.
+        write_rows_csv(self.run.history, self.state.history, HISTORY_COLUMNS)
         if self.config.epochs < self.state.epoch:
             raise ValueError(
                 f"cannot resume with epochs {self.config.epochs}: {self.run.last} has already "
@@ -900,14 +998,20 @@ def train(
     terminal (None). ``on_epoch_end(epoch, history_row)`` runs after each epoch's
     checkpoints are written. ``threads``: torch threads on CPU; None follows the cores
     other processes leave free (:class:`egeunet.threads.AdaptiveThreads`). Raises
-    :class:`TrainingDiverged` on a non-finite loss.
+    :class:`TrainingDiverged` on a non-finite loss, and
+    :class:`~egeunet.fileio.FolderBusy` (a ValueError) while another process trains in
+    ``run_dir``.
     """
-    trainer = Trainer(config, run_dir, progress, threads)
-    trainer.start(resume)
-    if resume and trainer.state.epoch >= config.epochs and trainer.run.metrics.is_file():
-        return json.loads(trainer.run.metrics.read_text(encoding="utf-8"))
-    trainer.run_epochs(on_epoch_end)
-    return trainer.finish()
+    run = RunFolder(Path(run_dir))
+    require_writable(run.root, "run folder")
+    with folder_lock(run.lock, f"run folder {run.root}"):
+        run.remove_temporaries()
+        trainer = Trainer(config, run_dir, progress, threads)
+        trainer.start(resume)
+        if resume and trainer.state.epoch >= config.epochs and trainer.run.metrics.is_file():
+            return json.loads(trainer.run.metrics.read_text(encoding="utf-8"))
+        trainer.run_epochs(on_epoch_end)
+        return trainer.finish()
 
 
 def evaluate(

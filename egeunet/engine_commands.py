@@ -115,7 +115,10 @@ def read_config_file(path: str | Path) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data = read_config_file(args.config) if args.config else {}
-    model = dict(data.get("model") or {})
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"model: expected a mapping of model fields, got {model!r}")
+    model = dict(model)
     train_types = field_types(TrainConfig)
     model_types = field_types(EGEUNetConfig)
     for dest, text in vars(args).items():
@@ -226,6 +229,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         recursive=args.recursive,
         overlays=not args.no_overlays,
+        overwrite=args.overwrite,
     )
     print(summary.message())
     return 0 if summary.written or not summary.failed else 1
@@ -292,7 +296,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment image files: masks at original size plus overlays",
         description="Segment images PIL can read; writes <name>_mask.png (0/255, original "
         "size) and <name>_overlay.png per image and summary.json. Unreadable files are "
-        "reported and skipped. Exit code 1 only when nothing could be predicted.",
+        "reported and skipped. Files in --output that predict did not write are never "
+        "replaced. Exit code 1 only when nothing could be predicted.",
     )
     predict_parser.add_argument(
         "--checkpoint", required=True, help="a .pt file (ours or the authors')"
@@ -308,4 +313,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict_parser.add_argument("--recursive", action="store_true", help="also search subfolders")
     predict_parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    predict_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs an earlier predict wrote into --output (other files never are)",
+    )
     predict_parser.set_defaults(func=run_predict)

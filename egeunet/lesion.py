@@ -24,9 +24,8 @@ from egeunet import figures
 from egeunet.checkpoint import load_model
 from egeunet.data import normalize
 from egeunet.predict import (
-    DEFAULT_IMAGE_SIZE,
-    DEFAULT_NORMALIZATION,
     find_inputs,
+    model_input_settings,
     probabilities_at_original_size,
     read_image,
     resolve_device,
@@ -55,7 +54,7 @@ def area_table(
     ``output_dir``: its name, width, height and :func:`lesion_area` of its mask."""
     inputs = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     rows = []
-    for source, stem in find_inputs(inputs):
+    for source, stem in find_inputs(inputs, output=output_dir):
         mask_path = Path(output_dir) / stem.with_name(f"{stem.name}_mask.png")
         if not mask_path.is_file():
             continue  # unreadable input, reported by predict
@@ -98,9 +97,7 @@ class Segmenter:
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
         loaded = load_model(checkpoint)
-        config = loaded.train_config or {}
-        self.size = int(config.get("image_size", DEFAULT_IMAGE_SIZE))
-        self.normalization = config.get("normalization", DEFAULT_NORMALIZATION)
+        self.size, self.normalization = model_input_settings(loaded, checkpoint)
         self.device = resolve_device(device)
         self.model = loaded.model.to(self.device)
 

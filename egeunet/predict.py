@@ -6,13 +6,21 @@ bilinear filter) exactly as prepared datasets are, normalised as in training, an
 lesion probability map is resized back to the image's own size (bilinear) before it is
 thresholded. For ``photo.jpg`` it writes ``photo_mask.png`` (0/255, the original width
 and height) and ``photo_overlay.png``; folders keep their relative layout under the
-output folder. Unreadable files are reported and skipped; ``summary.json`` lists what
-was written and what failed.
+output folder. Unreadable files are reported and skipped; ``summary.json`` maps each
+input to its outputs and lists what failed.
+
+It never replaces a file it did not write: ``.egeunet-predict.json`` in the output folder
+records each file predict wrote there (with its SHA-256), and a run stops before writing
+anything if one of its outputs exists and is not such a file; its own earlier outputs are
+replaced only with ``overwrite``. Files in the output folder named like its outputs
+(``*_mask.png``, ``*_overlay.png``) are never taken as inputs, so an output folder inside
+an input folder is not segmented again.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -25,15 +33,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from egeunet.checkpoint import load_model
+from egeunet.checkpoint import LoadedModel, load_model
 from egeunet.data import normalize
-from egeunet.data.prepare import open_for_model_input
-from egeunet.fileio import atomic_open, require_writable, write_json_atomic
+from egeunet.data.dataset import NORMALIZATIONS
+from egeunet.data.prepare import DECODE_ERRORS, image_error, open_for_model_input, to_rgb
+from egeunet.fileio import atomic_open, require_writable, sha256_file, write_json_atomic
 
 TRUTH_COLOUR = (0, 200, 0)
 PREDICTION_COLOUR = (255, 40, 40)
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NORMALIZATION = "minmax"
+OUTPUT_SUFFIXES = {"mask": "_mask.png", "overlay": "_overlay.png"}
+SUMMARY_FILE = "summary.json"
+MANIFEST_FILE = ".egeunet-predict.json"
 
 
 # --- Pictures ----------------------------------------------------------------------------
@@ -83,13 +95,16 @@ def _image_extensions() -> set[str]:
 
 
 def find_inputs(
-    inputs: Sequence[str | os.PathLike], recursive: bool = False
+    inputs: Sequence[str | os.PathLike],
+    recursive: bool = False,
+    output: str | os.PathLike | None = None,
 ) -> list[tuple[Path, Path]]:
     """(file, output stem relative to the output folder) for every input.
 
     A folder contributes its files with an image extension PIL knows (``recursive``:
-    also in subfolders), keeping their relative paths; a file is taken as given, whatever
-    its extension. Stems that would collide get ``-1``, ``-2``, ... appended.
+    also in subfolders), keeping their relative paths, except files inside ``output``
+    named like predict's outputs; a file is taken as given, whatever its extension.
+    Stems that would collide get ``-1``, ``-2``, ... appended.
     """
     extensions = _image_extensions()
     found: list[tuple[Path, Path]] = []
@@ -98,7 +113,11 @@ def find_inputs(
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             files = sorted(
-                p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in extensions
+                p
+                for p in path.glob(pattern)
+                if p.is_file()
+                and p.suffix.lower() in extensions
+                and not (output is not None and is_predict_output(p, output))
             )
             found.extend((p, p.relative_to(path).with_suffix("")) for p in files)
         elif path.is_file():
@@ -115,6 +134,12 @@ def find_inputs(
         seen.add(candidate)
         unique.append((file, candidate))
     return unique
+
+
+def is_predict_output(path: Path, output: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in the folder ``output`` with a name predict gives its outputs."""
+    inside = path.resolve().is_relative_to(Path(output).resolve())
+    return inside and path.name.endswith(tuple(OUTPUT_SUFFIXES.values()))
 
 
 def read_image(
@@ -138,15 +163,15 @@ def read_image(
     try:
         decoded, stored_size = open_for_model_input(opened(), size)
         with decoded:
-            small = ImageOps.exif_transpose(decoded).convert("RGB")
+            small = to_rgb(ImageOps.exif_transpose(decoded))
         original = small
         if decoded.size != stored_size:  # decoded at reduced scale: the original needs its own
             with Image.open(opened()) as image:
-                original = ImageOps.exif_transpose(image).convert("RGB")
+                original = to_rgb(ImageOps.exif_transpose(image))
         return np.asarray(original), np.array(small.resize((size, size), Image.BILINEAR))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         label = name or ("<bytes>" if isinstance(source, bytes) else source)
-        raise ValueError(f"cannot read image {label}: {error}") from None
+        raise image_error(label, error) from None
 
 
 # --- Inference ---------------------------------------------------------------------------
@@ -154,10 +179,12 @@ def read_image(
 
 @dataclass
 class PredictSummary:
-    """What a :func:`predict` call wrote and what it skipped."""
+    """What a :func:`predict` call wrote and what it skipped. ``outputs`` maps each input
+    predicted to its output files (``mask``, ``overlay``), relative to ``output``."""
 
     output: Path
     written: list[str] = field(default_factory=list)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -172,6 +199,7 @@ class PredictSummary:
         return {
             "output": str(self.output),
             "written": self.written,
+            "outputs": self.outputs,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
         }
@@ -207,6 +235,98 @@ def probabilities_at_original_size(
     ]
 
 
+class OutputRecord:
+    """The files predict wrote into an output folder (``.egeunet-predict.json``): each path
+    relative to the folder with the SHA-256 of the file as written; ``None`` marks a file
+    claimed by a run that stopped before writing it (a claim is made only for a path
+    where nothing or predict's own file was)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / MANIFEST_FILE
+        self.files: dict[str, str | None] = self._read()
+
+    def _read(self) -> dict[str, str | None]:
+        if not self.path.exists():
+            return {}
+        try:
+            files = json.loads(self.path.read_text(encoding="utf-8"))["files"]
+            valid = all(isinstance(v, str | None) for v in files.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"{self.path} (predict's record of the files it wrote) is damaged: choose "
+                "another output folder, or delete it after removing predict's earlier outputs"
+            )
+        return files
+
+    def is_own(self, relative: str) -> bool:
+        """Whether the file at ``relative`` is one predict wrote, unchanged since."""
+        if relative not in self.files or not (self.folder / relative).is_file():
+            return False
+        recorded = self.files[relative]
+        return recorded is None or sha256_file(self.folder / relative) == recorded
+
+    def check_free(self, relatives: Sequence[str], overwrite: bool) -> None:
+        """ValueError before anything is written if one of ``relatives`` exists and is not
+        predict's own file, or (without ``overwrite``) is an earlier output."""
+        existing = [r for r in relatives if (self.folder / r).exists()]
+        foreign = [r for r in existing if not self.is_own(r)]
+        if foreign:
+            raise ValueError(
+                f"output {self.folder / foreign[0]}{_more(foreign)} exists and was not written "
+                "by predict; nothing was written: choose another output folder (--output)"
+            )
+        earlier = [r for r in existing if r != SUMMARY_FILE]
+        if earlier and not overwrite:
+            raise ValueError(
+                f"output {self.folder / earlier[0]}{_more(earlier)} exists from an earlier "
+                "predict; nothing was written: pass --overwrite to replace its outputs, or "
+                "choose another output folder (--output)"
+            )
+
+    def claim(self, relatives: Sequence[str]) -> None:
+        """Record ``relatives`` as predict's before writing them."""
+        self.files.update(dict.fromkeys(relatives))
+        self.save()
+
+    def wrote(self, relative: str) -> None:
+        self.files[relative] = sha256_file(self.folder / relative)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"format": 1, "files": self.files})
+
+
+def _more(items: Sequence) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def output_names(stem: Path, overlays: bool) -> dict[str, str]:
+    """The outputs of the input with output stem ``stem``, relative to the output folder."""
+    kinds = OUTPUT_SUFFIXES if overlays else {"mask": OUTPUT_SUFFIXES["mask"]}
+    return {kind: stem.with_name(stem.name + suffix).as_posix() for kind, suffix in kinds.items()}
+
+
+def model_input_settings(loaded: LoadedModel, checkpoint: str | os.PathLike) -> tuple[int, str]:
+    """(image size, normalization) the checkpoint's model was trained with (defaults for
+    checkpoints that do not say); ValueError naming the checkpoint for unusable values."""
+    train_config = loaded.train_config or {}
+    size = train_config.get("image_size", DEFAULT_IMAGE_SIZE)
+    normalization = train_config.get("normalization", DEFAULT_NORMALIZATION)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32:
+        raise ValueError(
+            f"checkpoint {checkpoint} has a damaged train config: image_size {size!r} is not "
+            "a positive multiple of 32"
+        )
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"checkpoint {checkpoint} has a damaged train config: normalization "
+            f"{normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
+        )
+    return size, normalization
+
+
 def predict(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -216,11 +336,13 @@ def predict(
     device: str = "auto",
     recursive: bool = False,
     overlays: bool = True,
+    overwrite: bool = False,
     log=None,
 ) -> PredictSummary:
     """Segment ``inputs`` with the model in ``checkpoint``; see the module docstring.
 
-    ``log`` receives one line per skipped file (default: stderr).
+    ``overwrite`` lets this run replace outputs an earlier predict wrote into ``output``
+    (never other files). ``log`` receives one line per skipped file (default: stderr).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
@@ -230,19 +352,22 @@ def predict(
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    files = find_inputs(inputs, recursive)
+    files = find_inputs(inputs, recursive, output)
     if not files:
         hint = "" if recursive else " (subfolders are searched only with --recursive)"
         names = ", ".join(str(item) for item in inputs)
         raise ValueError(f"input: no image files found in {names}{hint}")
     require_writable(output, "output folder")
     loaded = load_model(checkpoint)
-    train_config = loaded.train_config or {}
-    size = int(train_config.get("image_size", DEFAULT_IMAGE_SIZE))
-    normalization = train_config.get("normalization", DEFAULT_NORMALIZATION)
+    size, normalization = model_input_settings(loaded, checkpoint)
     torch_device = resolve_device(device)
-    model = loaded.model.to(torch_device)
     summary = PredictSummary(output=Path(output))
+    record = OutputRecord(summary.output)
+    planned = {str(path): output_names(stem, overlays) for path, stem in files}
+    every_output = [name for names in planned.values() for name in names.values()]
+    record.check_free([*every_output, SUMMARY_FILE], overwrite)
+    record.claim([*every_output, SUMMARY_FILE])
+    model = loaded.model.to(torch_device)
     for batch in _batches(files, batch_size):
         readable = []
         for path, stem in batch:
@@ -257,16 +382,21 @@ def predict(
             [normalize(torch.from_numpy(r[3]).permute(2, 0, 1), normalization) for r in readable]
         ).to(torch_device)
         sizes = [r[2].shape[:2] for r in readable]
-        for (path, stem, original, _), probability in zip(
+        for (path, _, original, _), probability in zip(
             readable, probabilities_at_original_size(model, tensor, sizes), strict=True
         ):
             mask = (probability >= threshold).numpy()
-            target = summary.output / stem
-            save_png(target.with_name(f"{target.name}_mask.png"), mask.astype(np.uint8) * 255)
+            names = planned[str(path)]
+            pictures = {"mask": mask.astype(np.uint8) * 255}
             if overlays:
-                picture = overlay(original, mask, PREDICTION_COLOUR)
-                save_png(target.with_name(f"{target.name}_overlay.png"), picture)
+                pictures["overlay"] = overlay(original, mask, PREDICTION_COLOUR)
+            for kind, picture in pictures.items():
+                save_png(summary.output / names[kind], picture)
+                record.wrote(names[kind])
             summary.written.append(str(path))
+            summary.outputs[str(path)] = names
     summary.seconds = time.perf_counter() - started
-    write_json_atomic(summary.output / "summary.json", summary.to_dict())
+    write_json_atomic(summary.output / SUMMARY_FILE, summary.to_dict())
+    record.wrote(SUMMARY_FILE)
+    record.save()
     return summary

@@ -25,6 +25,8 @@ import itertools
 import json
 import os
 import re
+import socket
+import stat
 import sys
 import threading
 import time
@@ -260,6 +262,34 @@ def _record(spec: RunSpec, outcome: RunOutcome, started: str, parameters: dict) 
     write_json_atomic(Path(spec.run_dir) / OUTCOME_FILE, document)
 
 
+KERNEL_SOCKETS = "kernel-ipc-*"  # where a kernel binds its Unix sockets (its working folder)
+
+
+def remove_stale_sockets(folder: Path, pattern: str = KERNEL_SOCKETS) -> list[Path]:
+    """Delete the Unix sockets in ``folder`` matching ``pattern`` that nothing listens on
+    any more (left by the kernel of a killed run); returns them. Sockets in use stay."""
+    stale = []
+    for path in folder.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode) and not _socket_in_use(path):
+                path.unlink()
+                stale.append(path)
+    return stale
+
+
+def _socket_in_use(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path`` (when it cannot
+    be told, e.g. a path too long to connect to, it counts as in use)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True
+    return True
+
+
 def _kernel_manager_class() -> type:
     """Kernels talk to the runner over Unix sockets where there are any (no network port;
     ipykernel also warns about unencrypted TCP), over local TCP elsewhere (Windows)."""
@@ -283,8 +313,9 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
     ``force``); resumes an interrupted training run (``resume`` is set when
     ``checkpoints/last.pt`` exists); applies ``spec.threads`` (OMP/MKL variables of the
     kernel and the ``num_threads`` parameter) and ``spec.device``. The kernel's working
-    directory is the run folder. Never raises for a failed run: the error is returned and
-    recorded in ``<run_dir>/outcome.json``. Per-epoch progress lines come from the run's
+    directory is the run folder; Unix sockets a killed kernel left there are removed first.
+    Never raises for a failed run: the error is returned and recorded in
+    ``<run_dir>/outcome.json``. Per-epoch progress lines come from the run's
     ``history.csv`` as it grows.
     """
     import papermill
@@ -300,6 +331,8 @@ def execute_run(spec: RunSpec, *, force: bool = False, log: Log | None = None) -
         parameters = _run_parameters(spec, _notebook_parameters(spec.notebook))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
+        if os.name == "posix":
+            remove_stale_sockets(run_dir)
         epochs = parameters.get("epochs") if isinstance(parameters.get("epochs"), int) else None
         with (
             _thread_environment(spec.threads),

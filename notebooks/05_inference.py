@@ -35,7 +35,9 @@ from egeunet.fileio import write_text_atomic
 from egeunet.lesion import area_table, overlay_figure
 from egeunet.predict import predict
 
-summary = predict(checkpoint, input_path, output_dir, threshold=threshold, device=device)
+summary = predict(
+    checkpoint, input_path, output_dir, threshold=threshold, device=device, overwrite=True
+)
 print(summary.message())
 areas = area_table(input_path, output_dir, pixel_size_mm)
 write_text_atomic(Path(output_dir) / "lesion_areas.csv", areas.to_csv(index=False))

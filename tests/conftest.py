@@ -21,6 +21,25 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    """Synthetic data generated once per module into a temporary cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EGEUNET_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def reference_checkpoint() -> dict:
     import torch

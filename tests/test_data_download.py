@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
 from data_helpers import ISIC2017_TRAIN, ISIC2017_VAL, write_isic_folders, zip_folder
+from http_helpers import serving
 
 from egeunet.cli import main
 from egeunet.data import PreparedDataset, prepare_dataset
 from egeunet.data.download import download_isic, extract_archive
 from egeunet.fileio import sha256_file
-
-
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with support for ``Range: bytes=N-``; logs every request."""
-
-    def do_GET(self) -> None:
-        self.server.requests.append((self.path, self.headers.get("Range")))
-        requested = self.headers.get("Range")
-        path = Path(self.translate_path(self.path))
-        if not requested or not path.is_file():
-            return super().do_GET()
-        data = path.read_bytes()
-        start = int(requested.removeprefix("bytes=").split("-")[0])
-        if start >= len(data):
-            self.send_response(416)
-            self.end_headers()
-            return None
-        self.send_response(206)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        self.wfile.write(data[start:])
-        return None
-
-    def log_message(self, *args: object) -> None:  # keep test output quiet
-        pass
 
 
 @pytest.fixture
@@ -58,20 +30,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, list]]:
         with zipfile.ZipFile(served / "2017" / f"{name}.zip", "w") as bundle:
             bundle.writestr(f"{name}/ISIC_0000100.png", b"fine")
             bundle.writestr("../evil", b"escaped")
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(RangeHandler, directory=served)
-    )
-    httpd.requests = []
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served, httpd.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with serving(served) as (base_url, requests):
+        yield base_url, served, requests
 
 
 def test_download_records_hashes_extracts_and_prepares(server, tmp_path):

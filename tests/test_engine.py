@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from engine_helpers import TINY, TINY_MODEL
 
 from egeunet import engine
 from egeunet.checkpoint import load_checkpoint
@@ -27,35 +28,7 @@ from egeunet.engine import (
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.model import EGEUNetConfig
 
-TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
-TINY = TrainConfig(
-    image_size=32,
-    epochs=3,
-    batch_size=4,
-    max_train_images=12,
-    max_eval_images=4,
-    model=TINY_MODEL,
-    num_prediction_samples=2,
-    device="cpu",
-    t_max=2,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def synthetic_cache(tmp_path_factory):
-    """Synthetic data generated once into a temporary cache for this module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EGEUNET_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "synthetic_cache")
 
 
 @pytest.fixture(scope="module")

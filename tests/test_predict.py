@@ -8,36 +8,22 @@ from pathlib import PurePosixPath
 import numpy as np
 import pytest
 import torch
+from engine_helpers import TINY_MODEL, save_tiny_checkpoint
 from PIL import Image
 
-from egeunet.checkpoint import load_model, model_payload, save_checkpoint
+from egeunet.checkpoint import load_model, model_payload
 from egeunet.cli import main as cli_main
 from egeunet.data import normalize
-from egeunet.model import EGEUNet, EGEUNetConfig
+from egeunet.model import EGEUNet
 from egeunet.predict import find_inputs, overlay, predict
 
-TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = EGEUNet(TINY_MODEL)
-    with torch.no_grad():
-        model.head.bias.fill_(0.05)  # some pixels on each side of the threshold
     path = tmp_path / "tiny.pt"
-    config = {"image_size": 32, "normalization": "minmax"}
-    save_checkpoint(path, model_payload(model.eval(), train_config=config, epoch=3))
-    return path, model
+    return path, save_tiny_checkpoint(path)
 
 
 def write_images(folder):

@@ -9,8 +9,10 @@ A prepared folder holds:
 - ``splits/<name>.json``: id lists of the ``challenge`` and ``paper`` splits.
 
 The folder is built under a temporary name beside ``out`` and renamed into place at the
-end, so an interrupted run leaves no half cache. A rerun whose inputs have the same names,
-sizes and modification times (or CRCs inside zips) returns at once.
+end, so an interrupted run leaves no half cache; what a killed run leaves beside ``out``
+(``.<out>.partial-<pid>-*``, ``.<out>.old-<pid>-*``) is removed, or put back, by the next
+run. A rerun whose inputs have the same names, sizes and modification times (or CRCs
+inside zips), and whose arrays are complete, returns at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,13 +34,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from egeunet.data import splits as split_rules
 from egeunet.data import synthetic
 from egeunet.data.sources import SPLIT_ORDER, SamplePair, discover_pairs
-from egeunet.fileio import require_writable, sha256_json, write_json_atomic
+from egeunet.fileio import (
+    folder_lock,
+    process_alive,
+    require_writable,
+    sha256_json,
+    write_json_atomic,
+)
 
 PREPARE_FORMAT = 1
 DATASETS = ("isic2017", "isic2018", "synthetic", "folder")
@@ -100,6 +108,7 @@ def prepare_dataset(
     check_dataset_name(dataset)
     check_size(size)
     out = Path(out).expanduser()
+    _check_replaceable(out)
     workers = num_workers or min(8, os.cpu_count() or 1)
     show = sys.stderr.isatty() if progress is None else progress
     if dataset == "synthetic":
@@ -140,12 +149,52 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def _is_current(out: Path, fingerprint: str) -> bool:
+    """Whether ``out`` holds a complete preparation of these inputs; leftovers of killed
+    runs beside a current folder are removed."""
     try:
         manifest = read_manifest(out)
-    except (FileNotFoundError, ValueError):
+        if manifest.get("fingerprint") != fingerprint:
+            return False
+        for name, shape in array_shapes(manifest).items():
+            check_array_file(out / f"{name}.npy", shape)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
-    arrays_present = (out / "images.npy").is_file() and (out / "masks.npy").is_file()
-    return manifest.get("fingerprint") == fingerprint and arrays_present
+    _remove_leftovers(out, restore=False)
+    return True
+
+
+def array_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each array a prepared folder with this manifest holds."""
+    count, size = len(manifest["items"]), int(manifest["size"])
+    return {"images": (count, size, size, 3), "masks": (count, size, size)}
+
+
+def check_array_file(path: Path, shape: tuple[int, ...]) -> None:
+    """ValueError naming ``path`` unless it is a complete uint8 ``.npy`` file of ``shape``
+    (a missing file is FileNotFoundError); reads the header only."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prepared array {path} is missing: prepare the data again")
+    redo = f"delete {path.parent} and prepare the data again"
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            found, _, dtype = read_header(handle)
+            data_offset = handle.tell()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"prepared array {path} is damaged ({error}): {redo}") from None
+    if found != shape or dtype != np.uint8:
+        raise ValueError(f"{path} has shape {found} {dtype}, expected {shape} uint8: {redo}")
+    expected = data_offset + int(np.prod(shape))
+    actual = path.stat().st_size
+    if actual < expected:
+        raise ValueError(
+            f"prepared array {path} is truncated ({actual} of {expected} bytes): {redo}"
+        )
 
 
 def _prepare_synthetic(
@@ -207,9 +256,32 @@ def _decode(
     (width, height). With ``size``, see :func:`open_for_model_input`."""
     try:
         image, original = open_for_model_input(io.BytesIO(data), size)
-        return image.convert(mode), original
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {name}: {error}") from None
+        return (to_rgb(image) if mode == "RGB" else image.convert(mode)), original
+    except DECODE_ERRORS as error:
+        raise image_error(name, error) from None
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def image_error(name: str | os.PathLike, error: Exception) -> ValueError:
+    """The ValueError for an image file ``name`` that failed to decode with ``error``."""
+    if isinstance(error, UnidentifiedImageError):  # its text names a BytesIO, not the file
+        return ValueError(f"cannot read image {name}: not an image format PIL recognises")
+    return ValueError(f"cannot read image {name}: {error}")
+
+
+# PIL modes of one channel with more than 8 bits (16-bit PNG and TIFF greyscale):
+# converting them to RGB clips every value above 255, so they are scaled down first.
+WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit greyscale is scaled (65535 -> 255), not clipped."""
+    if image.mode in WIDE_GREY_MODES:
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def open_for_model_input(
@@ -246,10 +318,11 @@ def _build(job: _Job, workers: int, show: bool) -> Path:
     started = time.perf_counter()
     require_writable(job.out.parent, "folder for the prepared dataset")
     job.out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(job.out.parent / f".{job.out.name}.lock"):
+    lock = job.out.parent / f".{job.out.name}.lock"
+    with folder_lock(lock, f"prepared dataset folder {job.out}", wait=True):
+        _remove_leftovers(job.out, restore=True)
         if _is_current(job.out, job.fingerprint):  # another process made it while we waited
             return job.out
-        _remove_abandoned_staging(job.out)
         staging = job.out.parent / f".{job.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
@@ -283,38 +356,20 @@ def _write_folder(job: _Job, staging: Path, workers: int, show: bool, started: f
     write_json_atomic(staging / MANIFEST, manifest)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise preparations of one folder across processes (no-op where fcntl is absent)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _remove_abandoned_staging(out: Path) -> None:
-    """Delete temporary folders left by killed prepare runs (their process is gone)."""
-    for staging in out.parent.glob(f".{out.name}.partial-*"):
-        pid = staging.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _remove_leftovers(out: Path, restore: bool) -> None:
+    """Clean up beside ``out`` after killed runs (their process is gone): delete staging
+    folders; put an old folder moved aside back when ``restore`` and ``out`` is missing (a
+    kill between the two renames of :func:`_swap_into_place`), else delete it. Restore only
+    while holding the folder's lock."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, tail = leftover.name.removeprefix(f".{out.name}.").partition("-")
+        pid = tail.split("-")[0]
+        if kind not in ("partial", "old") or (pid.isdigit() and process_alive(int(pid))):
+            continue  # not ours, or its process still runs (ids without pid: older versions)
+        if kind == "old" and restore and not out.exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fill(
@@ -392,15 +447,21 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _check_replaceable(out: Path) -> None:
+    """ValueError unless ``out`` is missing, empty, or a prepared folder (which a newer
+    preparation replaces): never a user's file or folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is an existing file, not a folder; choose a folder")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ValueError(f"refusing to replace {out}: it is not empty and not a prepared folder")
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Rename ``staging`` to ``out``; an older ``out`` is moved aside first, then deleted."""
     retired = None
+    _check_replaceable(out)
     if out.exists():
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise ValueError(
-                f"refusing to replace {out}: it is not empty and not a prepared folder"
-            )
-        retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        retired = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, retired)
     os.replace(staging, out)
     if retired is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,15 @@ _ISIC_MASK = re.compile(r"^(ISIC_\d+)_segmentation\.png$", re.IGNORECASE)
 _MASK_SUFFIX = re.compile(r"(_segmentation|_mask)$", re.IGNORECASE)
 
 
+# How reading a damaged zip member fails: bad CRC, bad header, truncated deflate stream.
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+def damaged_archive(archive: Path, detail: str) -> ValueError:
+    """The error for a zip archive whose content is damaged (``detail`` says where)."""
+    return ValueError(f"archive {archive} is damaged ({detail}): delete it and download it again")
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """One input file: a file on disk, or a member of a zip archive."""
@@ -69,7 +79,10 @@ class SourceFile:
     def read_bytes(self) -> bytes:
         if self.archive is None:
             return self.path.read_bytes()
-        return self.archive.read(self.member)
+        try:
+            return self.archive.read(self.member)
+        except ZIP_READ_ERRORS as error:
+            raise damaged_archive(self.path, f"member {self.member}: {error}") from None
 
     def stat_key(self) -> list:
         """Cheap identity of the file's content (no read): size plus mtime or CRC."""

@@ -59,12 +59,17 @@ def paper_split(
     }
 
 
+def check_kfold(k: int, pool_size: int) -> None:
+    """ValueError unless ``k`` folds can be made of ``pool_size`` images."""
+    if not 2 <= k <= pool_size:
+        raise ValueError(f"k-fold needs 2 <= k <= {pool_size} (number of images), got k={k}")
+
+
 def kfold_split(
     pool: list[str], k: int, fold: int, seed: int = PAPER_SPLIT_SEED
 ) -> dict[str, list[str]]:
     """Fold ``fold`` (0-based) of a seeded ``k``-fold partition: that fold is "test"."""
-    if not 2 <= k <= len(pool):
-        raise ValueError(f"k-fold needs 2 <= k <= {len(pool)} (number of images), got k={k}")
+    check_kfold(k, len(pool))
     if not 0 <= fold < k:
         raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
     ordered = np.array(sorted(pool))

@@ -11,7 +11,13 @@ import numpy as np
 
 from egeunet.data import splits as split_rules
 from egeunet.data import synthetic
-from egeunet.data.prepare import check_dataset_name, prepare_dataset, read_manifest
+from egeunet.data.prepare import (
+    array_shapes,
+    check_array_file,
+    check_dataset_name,
+    prepare_dataset,
+    read_manifest,
+)
 from egeunet.fileio import is_writable_folder, write_json_atomic
 
 CACHE_ENV = "EGEUNET_CACHE"
@@ -48,11 +54,11 @@ class PreparedDataset:
 
     @property
     def images(self) -> np.ndarray:
-        return self._array("images", (len(self), self.size, self.size, 3))
+        return self._array("images")
 
     @property
     def masks(self) -> np.ndarray:
-        return self._array("masks", (len(self), self.size, self.size))
+        return self._array("masks")
 
     @property
     def original_sizes(self) -> np.ndarray:
@@ -81,6 +87,7 @@ class PreparedDataset:
     def save_kfold(self, k: int, seed: int = split_rules.PAPER_SPLIT_SEED) -> list[Path]:
         """Write ``splits/kfold-<k>-<i>.json`` for every fold; returns the files."""
         pool = split_rules.paper_pool(self.split("challenge"))
+        split_rules.check_kfold(k, len(pool))
         written = []
         for fold in range(k):
             document = split_rules.kfold_document(pool, k, fold, seed)
@@ -99,17 +106,12 @@ class PreparedDataset:
         pool = split_rules.paper_pool(self.split("challenge"))
         return split_rules.kfold_document(pool, *kfold)
 
-    def _array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _array(self, name: str) -> np.ndarray:
+        """The array ``name`` memory-mapped, after checking it against the manifest."""
         if name not in self._arrays:
             path = self.root / f"{name}.npy"
-            if not path.is_file():
-                raise FileNotFoundError(f"prepared array {path} is missing: prepare the data again")
-            array = np.load(path, mmap_mode="r")
-            if array.shape != shape or array.dtype != np.uint8:
-                raise ValueError(
-                    f"{path} has shape {array.shape} {array.dtype}, expected {shape} uint8"
-                )
-            self._arrays[name] = array
+            check_array_file(path, array_shapes(self.manifest)[name])
+            self._arrays[name] = np.load(path, mmap_mode="r")
         return self._arrays[name]
 
 

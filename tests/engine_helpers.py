@@ -1,0 +1,36 @@
+"""The tiny model, train config and checkpoint the engine, predict and fault tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from egeunet.checkpoint import model_payload, save_checkpoint
+from egeunet.engine import TrainConfig
+from egeunet.model import EGEUNet, EGEUNetConfig
+
+TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
+TINY = TrainConfig(
+    image_size=32,
+    epochs=3,
+    batch_size=4,
+    max_train_images=12,
+    max_eval_images=4,
+    model=TINY_MODEL,
+    num_prediction_samples=2,
+    device="cpu",
+    t_max=2,
+)
+
+
+def save_tiny_checkpoint(path: Path) -> EGEUNet:
+    """Save a seeded tiny model (32x32 input, minmax) whose head bias puts some pixels on
+    each side of the 0.5 threshold; returns the model."""
+    torch.manual_seed(0)
+    model = EGEUNet(TINY_MODEL)
+    with torch.no_grad():
+        model.head.bias.fill_(0.05)
+    config = {"image_size": 32, "normalization": "minmax"}
+    save_checkpoint(path, model_payload(model.eval(), train_config=config, epoch=3))
+    return model
