@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ISIC2017 = REPO.parent / "shared" / "data" / "isic2017"
-BUSY_LOOP = "while True: pass"
+# Spins until its parent is gone, so a benchmark killed mid-way leaves no busy process.
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 def _best_rate(run, images_per_call: int, calls: int, repeats: int) -> float:

@@ -24,6 +24,7 @@ ordered deepest level (H/32) first.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import warnings
@@ -207,6 +208,9 @@ class FusedKernels:
             # channel counts; past the recompile limit dynamo would fall back to eager.
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            # Inductor's CPU build says "No CUDA runtime is found" on every compile of a
+            # CUDA build of torch on a machine without a GPU: nothing a user can act on.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             self._forward = torch.compile(_channel_layer_norm, dynamic=True)
             self._backward = torch.compile(_channel_layer_norm_backward, dynamic=True)
         return self.enabled
