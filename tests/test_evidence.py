@@ -93,3 +93,32 @@ def test_cli_prints_what_it_kept(tmp_path, capsys):
     assert main(["evidence", str(tmp_path / "study"), str(tmp_path / "dest")]) == 0
     out = capsys.readouterr().out
     assert "0 finished run(s), 1 unfinished" in out and "unfinished: b-running" in out
+
+
+@pytest.mark.parametrize(
+    ("path", "ignored"),
+    [
+        ("reports/isic/runs/isic2017-paper-egeunet-seed42/history.csv", False),
+        ("reports/isic/runs/isic2017-paper-egeunet-seed42/checkpoints/last.pt", False),
+        ("reports/isic/runs/02_complexity/complexity.csv", False),
+        ("reports/isic/REPORT.md", False),
+        ("reports/isic/runs/isic2017-paper-egeunet-seed42.ipynb", True),
+        ("reports/isic/runs/isic2017-paper-egeunet-seed42/cases.npz", True),
+        ("reports/isic/runs/isic2017-paper-egeunet-seed42/predictions/0.png", True),
+        ("reports/isic/runs/01_data-isic2017/examples.png", True),
+        ("reports/quick/REPORT.md", True),
+        ("runs/my-run/checkpoints/last.pt", True),
+    ],
+)
+def test_gitignore_keeps_the_evidence_and_nothing_else(path, ignored):
+    import shutil
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", path], cwd=REPO_ROOT, check=False
+    )
+    assert result.returncode == (0 if ignored else 1)
