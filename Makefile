@@ -12,7 +12,7 @@ endif
 STAMP := $(VENV)/.egeunet-installed
 STUDY ?= studies/quick.yaml
 
-.PHONY: setup test test-slow bench study lint format complexity clean
+.PHONY: setup test test-slow bench study lint format complexity clean gpu-bundle
 
 setup: $(STAMP)
 
@@ -53,3 +53,8 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The ISIC 2017 data the GPU check needs, where the device tool can carry it (ignored).
+gpu-bundle:
+	mkdir -p data/gpu-bundle
+	cp -r ../shared/data/isic2017 data/gpu-bundle/

@@ -61,6 +61,7 @@ from egeunet.checkpoint import (
 )
 from egeunet.data import PreparedDataset, SegmentationDataset, get_prepared, make_loader
 from egeunet.data.dataset import NORMALIZATIONS
+from egeunet.data.device import DeviceLoader
 from egeunet.fileio import (
     folder_lock,
     json_safe,
@@ -336,6 +337,35 @@ def _loader(config: TrainConfig, prepared: PreparedDataset, ids: list[str], trai
     )
     return make_loader(
         dataset, config.batch_size, shuffle=train, seed=config.seed, num_workers=config.num_workers
+    )
+
+
+PIPELINES = ("auto", "loader", "device")
+
+
+def resolve_pipeline(name: str, device: torch.device) -> str:
+    """ "auto" -> "device" (batches built on the GPU) on CUDA, "loader" (a DataLoader of
+    per-sample CPU work) elsewhere; "loader" and "device" as given."""
+    if name not in PIPELINES:
+        raise ValueError(f"pipeline: expected one of {', '.join(PIPELINES)}, got {name!r}")
+    if name == "auto":
+        return "device" if device.type == "cuda" else "loader"
+    return name
+
+
+def _device_loader(
+    config: TrainConfig, prepared: PreparedDataset, ids: list[str], device, train: bool
+) -> DeviceLoader:
+    return DeviceLoader(
+        prepared,
+        ids,
+        config.batch_size,
+        shuffle=train,
+        seed=config.seed,
+        augment=train,
+        normalization=config.normalization,
+        per_run_angle=config.per_run_angle,
+        device=device,
     )
 
 
@@ -674,6 +704,9 @@ def restore_rng(state: dict) -> None:
 
 def _fast_forward(loader, epochs: int) -> None:
     """Advance a fresh loader's sampler as ``epochs`` passes would have (resume)."""
+    if isinstance(loader, DeviceLoader):
+        loader.fast_forward(epochs)
+        return
     for _ in range(epochs):
         for _ in loader.sampler:
             pass
@@ -742,6 +775,7 @@ class Trainer:
         run_dir: str | os.PathLike,
         progress: bool | None,
         threads: int | None = None,
+        pipeline: str = "auto",
     ) -> None:
         self.config = config
         self.run = RunFolder(Path(run_dir))
@@ -770,8 +804,17 @@ class Trainer:
             self.optimizer, T_max=config.t_max, eta_min=config.eta_min
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        self.train_loader = _loader(config, self.prepared, self.splits.train, train=True)
-        self.val_loader = _loader(config, self.prepared, self.splits.val, train=False)
+        self.pipeline = resolve_pipeline(pipeline, self.device)
+        if self.pipeline == "device":
+            self.train_loader = _device_loader(
+                config, self.prepared, self.splits.train, self.device, train=True
+            )
+            self.val_loader = _device_loader(
+                config, self.prepared, self.splits.val, self.device, train=False
+            )
+        else:
+            self.train_loader = _loader(config, self.prepared, self.splits.train, train=True)
+            self.val_loader = _loader(config, self.prepared, self.splits.val, train=False)
         self.state = TrainingState()
         self.progress = Progress(progress, config.epochs)
 
@@ -816,7 +859,10 @@ class Trainer:
             )
         write_json_atomic(
             self.run.config,
-            _run_description(self.config, self.prepared, self.splits, self.device, self.amp),
+            {
+                **_run_description(self.config, self.prepared, self.splits, self.device, self.amp),
+                "pipeline": self.pipeline,
+            },
         )
 
     def _resume(self) -> None:
@@ -991,13 +1037,16 @@ def train(
     *,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     threads: int | None = None,
+    pipeline: str = "auto",
 ) -> dict:
     """Train ``config`` into ``run_dir`` and return the final metrics (also metrics.json).
 
     ``progress``: tqdm bars (True), epoch lines only (False), or bars when stderr is a
     terminal (None). ``on_epoch_end(epoch, history_row)`` runs after each epoch's
     checkpoints are written. ``threads``: torch threads on CPU; None follows the cores
-    other processes leave free (:class:`egeunet.threads.AdaptiveThreads`). Raises
+    other processes leave free (:class:`egeunet.threads.AdaptiveThreads`). ``pipeline``:
+    where batches are built (:func:`resolve_pipeline`; "device" keeps the split on the GPU,
+    :class:`egeunet.data.device.DeviceLoader`). Raises
     :class:`TrainingDiverged` on a non-finite loss, and
     :class:`~egeunet.fileio.FolderBusy` (a ValueError) while another process trains in
     ``run_dir``.
@@ -1006,7 +1055,7 @@ def train(
     require_writable(run.root, "run folder")
     with folder_lock(run.lock, f"run folder {run.root}"):
         run.remove_temporaries()
-        trainer = Trainer(config, run_dir, progress, threads)
+        trainer = Trainer(config, run_dir, progress, threads, pipeline)
         trainer.start(resume)
         if resume and trainer.state.epoch >= config.epochs and trainer.run.metrics.is_file():
             return json.loads(trainer.run.metrics.read_text(encoding="utf-8"))

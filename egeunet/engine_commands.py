@@ -19,7 +19,14 @@ from pathlib import Path
 
 import yaml
 
-from egeunet.engine import TrainConfig, TrainingDiverged, evaluate, field_types, train
+from egeunet.engine import (
+    PIPELINES,
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    field_types,
+    train,
+)
 from egeunet.model import EGEUNetConfig
 from egeunet.predict import predict
 
@@ -187,6 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=_progress_choice(args.progress),
             threads=args.threads,
+            pipeline=args.pipeline,
         )
     except TrainingDiverged as error:
         print(f"egeunet train: {error}", file=sys.stderr)
@@ -262,6 +270,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_int,
         help="torch threads on CPU (default: the cores other processes leave free, "
         "re-checked every 10 s of training)",
+    )
+    train_parser.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="auto",
+        help="where batches are built: device (the split on the GPU, augmented there), "
+        "loader (per-sample CPU work), auto (device on CUDA, else loader; default)",
     )
     _add_config_options(train_parser)
     train_parser.set_defaults(func=run_train)

@@ -403,3 +403,29 @@ def test_extending_a_finished_run_withdraws_its_old_results(finished_run, tmp_pa
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "per_image.csv").exists()
     metrics = train(longer, run_dir, resume=True, progress=False)
     assert metrics["epochs"] == 5 and (run_dir / "metrics.json").is_file()
+
+
+def test_device_pipeline_trains_and_resumes_bit_identically(tmp_path):
+    # The GPU path's batches (split on the device, augmented there) run on CPU too.
+    uninterrupted = tmp_path / "whole"
+    train(TINY, uninterrupted, progress=False, pipeline="device")
+    description = json.loads((uninterrupted / "config.json").read_text())
+    assert description["pipeline"] == "device"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, row):
+        if epoch == 1:
+            raise Killed
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train(TINY, resumed, progress=False, pipeline="device", on_epoch_end=kill_after_first)
+    train(TINY, resumed, resume=True, progress=False, pipeline="device")
+    expected = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")["model_state"]
+    got = load_checkpoint(resumed / "checkpoints" / "last.pt")["model_state"]
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    with pytest.raises(ValueError, match="pipeline: expected one of auto, loader, device"):
+        train(TINY, tmp_path / "bad", progress=False, pipeline="gpu")
