@@ -498,13 +498,26 @@ def _stages(document: dict, path: Path) -> list[dict]:
     return stages
 
 
-def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
-    """03_train once per seed x dataset x protocol x variant of each stage, stage by stage
-    (a run that two stages name runs once, where it first appears)."""
-    path = layout.source
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run a study file declares: its stage, id, identity and the training
+    parameters it shares with the others plus its variant's overrides."""
+
+    stage: str
+    run_id: str
+    dataset: str
+    protocol: str
+    variant: str
+    seed: int
+    parameters: dict = field(default_factory=dict)
+
+
+def _planned_runs(document: dict, path: Path) -> list[PlannedRun]:
+    """Every training run, stage by stage (a run that two stages name belongs to the first
+    that names it), each stage with its first seed first."""
     variants = document["variants"]
     shared = _section(document, "train", path) or {}
-    specs = []
+    planned = []
     seen = set()
     for stage in _stages(document, path):
         # Seed outermost: every dataset and variant of a stage gets its first seed first.
@@ -521,17 +534,36 @@ def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
             if run_id in seen:
                 continue
             seen.add(run_id)
-            parameters = {
-                **shared,
-                **(overrides or {}),
-                "dataset": dataset,
-                "data_root": layout.dataset_root(dataset),
-                "protocol": protocol,
-                "seed": seed,
-                "run_dir": str(layout.runs_dir / run_id),
-            }
-            specs.append(layout.spec(run_id, "train", parameters))
-    return specs
+            parameters = {**shared, **(overrides or {})}
+            planned.append(
+                PlannedRun(stage["name"], run_id, dataset, protocol, variant, seed, parameters)
+            )
+    return planned
+
+
+def planned_runs(path: str | Path) -> list[PlannedRun]:
+    """The training runs of the study file at ``path``, in the order the runner starts them."""
+    path = Path(path)
+    return _planned_runs(read_study_document(path), path)
+
+
+def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
+    """03_train once per seed x dataset x protocol x variant of each stage, stage by stage."""
+    return [
+        layout.spec(
+            run.run_id,
+            "train",
+            {
+                **run.parameters,
+                "dataset": run.dataset,
+                "data_root": layout.dataset_root(run.dataset),
+                "protocol": run.protocol,
+                "seed": run.seed,
+                "run_dir": str(layout.runs_dir / run.run_id),
+            },
+        )
+        for run in _planned_runs(document, layout.source)
+    ]
 
 
 def _overview_specs(document: dict, layout: _Layout) -> list[RunSpec]:
