@@ -632,7 +632,12 @@ def _report_spec(document: dict, layout: _Layout, study_dir: Path, name: str) ->
     section = _section(document, "report", layout.source)
     if section is None:
         return None
-    parameters = {**section, "study_dir": str(study_dir), "study_name": name}
+    parameters = {
+        **section,
+        "study_dir": str(study_dir),
+        "study_name": name,
+        "study_file": str(layout.source.resolve()),
+    }
     return layout.spec("04_report", "report", parameters)
 
 
@@ -865,8 +870,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     study.set_defaults(func=study_command)
 
-    report = subparsers.add_parser("report", help="rebuild a study's report from its run folders")
+    report = subparsers.add_parser(
+        "report",
+        help="rebuild a study's report from its run folders",
+        description="Rebuild REPORT.md, REPORT.html, findings.md, tables/ and figures/ of a "
+        "study folder from its run folders. With --check, build nothing there: rebuild into a "
+        "temporary folder and compare its tables and findings with the folder's (exit code 1 "
+        "when they differ).",
+    )
     report.add_argument("study_dir", help="reports/<study> folder")
+    report.add_argument(
+        "--study",
+        default=None,
+        help="the study file (e.g. studies/isic.yaml): the run status lists every run it "
+        "declares, stage by stage, also those not started",
+    )
+    report.add_argument(
+        "--check",
+        action="store_true",
+        help="check that the folder's report is what its run folders build (with the study "
+        "file it was built with, unless --study is given)",
+    )
     report.set_defaults(func=report_command)
 
 
@@ -893,10 +917,18 @@ def study_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from egeunet.report import build_report
+    from egeunet.report import build_report, check_report
 
-    report = build_report(args.study_dir)
+    if args.check:
+        problems = check_report(args.study_dir, args.study)
+        for problem in problems:
+            print(f"egeunet report --check: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{args.study_dir}: the report is what its run folders build")
+        return 1 if problems else 0
+    report = build_report(args.study_dir, study_file=args.study)
     print(
-        f"{report.markdown_path} ({report.runs} runs, {report.failures} failed), {report.html_path}"
+        f"{report.markdown_path} ({report.runs} runs, {report.failures} failed), "
+        f"{report.findings_path}, {report.html_path}"
     )
     return 0
