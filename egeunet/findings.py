@@ -120,7 +120,8 @@ def _reference_clause(dataset: str, ours_dsc: float, reference: dict) -> tuple[s
         numbers.update(paper_dsc=paper["value"], ours_minus_paper=difference)
         parts.append(
             f"the paper reports DSC {mean_sd(paper['value'], paper['std'])} ({paper['status']}: "
-            f"{paper['source']}), {signed(difference)} points from ours"
+            f"{paper['source']}); ours is {number(abs(difference))} points "
+            f"{'above' if difference > 0 else 'below'} it"
         )
     reruns = rerun_figures(reference, dataset).dropna(subset=["dsc"])
     if not reruns.empty:
@@ -284,8 +285,8 @@ def _budget_bullets(tables: StudyTables, findings: Findings) -> None:
         findings.bullets.append(
             f"**{row['base_epochs']} against {row['epochs']} epochs** "
             f"({dataset_name(row['dataset'])}, {row['protocol']} protocol): the "
-            f"{row['epochs']}-epoch {'runs score' if row['seeds'] != 1 else 'run scores'} "
-            f"({_seeds(int(row['seeds']))}) pooled DSC {mean_sd(row['dsc_mean'], row['dsc_std'])} "
+            f"{row['epochs']}-epoch {'runs' if row['seeds'] != 1 else 'run'} "
+            f"({_seeds(int(row['seeds']))}) {'score' if row['seeds'] != 1 else 'scores'} pooled DSC {mean_sd(row['dsc_mean'], row['dsc_std'])} "
             f"against {mean_sd(row['base_dsc_mean'], row['base_dsc_std'])} at {row['base_epochs']} "
             f"epochs ({_seeds(int(row['base_seeds']))}): {signed(row['difference_of_means'])} "
             f"points{same_seed}. Its validation DSC at epoch {row['base_epochs']} was "

@@ -384,3 +384,16 @@ def test_cli_builds_with_the_study_file_and_checks(tmp_path, capsys):
 )
 def test_the_committed_isic_report_is_what_its_run_folders_build():
     assert rep.check_report(REPO / "reports" / "isic") == []
+
+
+def test_findings_compare_isic2018_with_the_third_party_paper_figure(tmp_path):
+    runs_dir = tmp_path / "study" / "runs"
+    for seed, dsc in ((1, 0.890), (2, 0.892), (3, 0.888)):
+        write_run(runs_dir, "egeunet", seed, dataset="isic2018", dsc=dsc)
+    report = rep.build_report(tmp_path / "study", draw=False)
+    text = report.findings_path.read_text()
+    assert "the paper reports DSC 89.46 ± 0.07 (third-party" in text
+    assert "ours is 0.46 points below it" in text  # 89.00 against 89.46
+    assert "scored DSC 89.58" in text and "ours is within their range" in text  # 88.85-89.58
+    numbers = json.loads((tmp_path / "study" / "findings.json").read_text())["numbers"]
+    assert numbers["headline"]["isic2018"]["ours_minus_paper"] == pytest.approx(-0.46)
