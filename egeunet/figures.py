@@ -22,14 +22,31 @@ LESION_COLOUR = (1.0, 0.2, 0.2)
 TRUTH_COLOUR = (0.1, 0.9, 0.2)
 
 
-def save_figure(figure: Figure, stem: str | Path, dpi: int = 150) -> list[Path]:
-    """Write ``figure`` to ``<stem>.png`` and ``<stem>.svg`` atomically; return the paths."""
+def save_figure(
+    figure: Figure,
+    stem: str | Path,
+    dpi: int = 150,
+    max_svg_bytes: int | None = None,
+    max_png_bytes: int | None = None,
+) -> list[Path]:
+    """Write ``figure`` to ``<stem>.png`` and ``<stem>.svg`` atomically; return the paths
+    written, PNG first. An SVG over ``max_svg_bytes`` (pictures make them large) is not
+    kept; a PNG over ``max_png_bytes`` is written again at lower resolution until it fits."""
     stem = Path(stem)
     paths = []
     for fmt in FIGURE_FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        with atomic_open(path, "wb") as handle:
-            figure.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight")
+        resolution = dpi
+        while True:
+            with atomic_open(path, "wb") as handle:
+                figure.savefig(handle, format=fmt, dpi=resolution, bbox_inches="tight")
+            size = path.stat().st_size
+            if fmt != "png" or max_png_bytes is None or size <= max_png_bytes or resolution <= 40:
+                break
+            resolution = int(resolution * 0.7)
+        if fmt == "svg" and max_svg_bytes is not None and size > max_svg_bytes:
+            path.unlink()
+            continue
         paths.append(path)
     return paths
 
@@ -128,6 +145,28 @@ def learning_curves(
     return figure
 
 
+def budget_curves(
+    short: pd.DataFrame, long: pd.DataFrame, metric: str, label: str, title: str = ""
+) -> Figure:
+    """``metric`` per epoch of longer runs (one line per run) against shorter ones (mean
+    over seeds, band = standard deviation), with a dotted line where the short budget
+    ends. Both tables have columns variant, seed, epoch and ``metric``."""
+    figure = Figure(figsize=(7.5, 3.6))
+    axis = figure.subplots()
+    sns.lineplot(data=short, x="epoch", y=metric, hue="variant", errorbar="sd", ax=axis)
+    for (variant, seed), run in long.groupby(["variant", "seed"], sort=True):
+        run = run.sort_values("epoch")
+        axis.plot(run["epoch"], run[metric], color="tab:red", label=f"{variant}, seed {seed}")
+    if len(short):
+        axis.axvline(short["epoch"].max(), color="grey", linestyle=":", linewidth=1)
+    axis.set_ylabel(label)
+    axis.legend(fontsize=7)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
 def ablation_bars(runs: pd.DataFrame, metric: str, label: str, order: Sequence[str]) -> Figure:
     """Bars of ``metric`` (in percent) per variant: mean over seeds with a standard-deviation
     error bar, each seed's value as a dot."""
@@ -160,8 +199,8 @@ def _label_points(
 
 def dsc_against_parameters(ours: pd.DataFrame, references: pd.DataFrame, title: str = "") -> Figure:
     """DSC (percent) against parameter count on a log axis. ``ours`` has columns variant,
-    params, dsc_mean, dsc_std (percent); ``references`` has model, params, dsc and source
-    (the paper's and peers' reported points)."""
+    params, dsc_mean, dsc_std (percent); ``references`` has model, label, params and dsc
+    (reported figures, one marker per label, e.g. "paper (third-party)")."""
     figure = Figure(figsize=(6.2, 4.2))
     axis = figure.subplots()
     axis.errorbar(
@@ -174,9 +213,17 @@ def dsc_against_parameters(ours: pd.DataFrame, references: pd.DataFrame, title: 
         label="this study (mean ± sd over seeds)",
     )
     _label_points(axis, ours, "variant", "params", "dsc_mean", (4, 4))
-    for source, group in references.groupby("source", sort=False):
-        axis.scatter(group["params"], group["dsc"], marker="s", label=f"reported: {source}")
-        _label_points(axis, group, "model", "params", "dsc", (4, -9))
+    styles = iter(zip("sD^vP*", ("tab:red", "tab:orange", "tab:green", "tab:purple"), strict=False))
+    for label, group in references.groupby("label", sort=False):
+        marker, colour = next(styles, ("s", "tab:grey"))
+        axis.scatter(
+            group["params"],
+            group["dsc"],
+            marker=marker,
+            color=colour,
+            alpha=0.8,
+            label=f"reported: {label}",
+        )
     axis.set_xscale("log")
     axis.set_xlabel("parameters (log scale)")
     axis.set_ylabel("DSC (%)")

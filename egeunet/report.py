@@ -1,580 +1,106 @@
-"""The study report: tables, figures, REPORT.md and REPORT.html, built from run folders.
+"""The study report: REPORT.md, REPORT.html, findings, tables and figures, built from run
+folders, and the check that a committed report is what they build.
 
 Everything here reads files only (each run's ``config.json``, ``metrics.json``,
-``history.csv``, ``per_image.csv``, ``cases.npz`` and the study runner's ``outcome.json``,
-plus the complexity table written by ``02_complexity``), so a report can be rebuilt at any
-time and is never edited by hand.
+``history.csv``, ``per_image.csv``, ``cases.npz`` when present and the study runner's
+``outcome.json``, the complexity table written by ``02_complexity``, and the study file
+when given), so a report can be rebuilt at any time and is never edited by hand.
 
 Layout written under the study folder::
 
-    REPORT.md, REPORT.html
-    tables/<name>.csv, tables/<name>.tex   (main_results, ablation, complexity, runs)
-    figures/<name>.png, figures/<name>.svg
+    REPORT.md, REPORT.html        the report (GitHub renders the Markdown)
+    findings.md, findings.json    its "Findings" alone, for the README to quote
+    report.json                   what it was built from (study file, full model)
+    tables/<name>.csv, .tex       full-precision numbers and booktabs LaTeX
+    figures/<name>.png (.svg)     SVG only where it stays small
 
-Significance: ablation variants are compared with the full model by a paired t-test over
-seeds (runs with the same seed are paired). A Wilcoxon signed-rank test was considered and
-rejected: with the study's 5 seeds its smallest attainable two-sided p-value is
-2/2^5 = 0.0625, so it could never reach 0.05. The t-test assumes roughly normal
-seed-to-seed differences, which 5 pairs cannot verify; the report says so.
+:func:`check_report` rebuilds a report into a temporary folder and compares its tables
+and findings with the ones in the study folder; ``egeunet report --check`` runs it.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import markdown
-import numpy as np
 import pandas as pd
-from scipy import stats
 
 from egeunet import figures
-from egeunet.cases import case_figure
-from egeunet.fileio import sha256_file, write_text_atomic
-from egeunet.model import EGEUNetConfig
-from egeunet.study import OUTCOME_FILE
-
-FULL_MODEL = EGEUNetConfig().name
-"""Variant name of the published model, the one every ablation is compared with."""
-
-ABLATION_LADDER = ("unet", "unet+ghpa", "unet+ghpa+gab", FULL_MODEL)
-"""The paper's macro ablation ladder, in the order tables and figures show it."""
-
-COMPLEXITY_CSV = Path("runs") / "02_complexity" / "complexity.csv"
-"""Where ``02_complexity`` writes its table, relative to the study folder."""
+from egeunet.cases import CASES_FILE, case_figure
+from egeunet.fileio import sha256_file, write_json_atomic, write_text_atomic
+from egeunet.findings import Findings, dataset_name, findings
+from egeunet.references import (
+    load_reference_results,
+    reported_points,
+    shown_figures,
+    withheld_figures,
+)
+from egeunet.report_format import (
+    MISSING,
+    format_ablation,
+    format_budget,
+    format_comparison,
+    format_complexity,
+    format_cost,
+    format_main_results,
+    format_per_image,
+    format_protocols,
+    format_references,
+    format_selection,
+    format_status,
+    latex_table,
+    markdown_table,
+    number,
+)
+from egeunet.report_tables import (
+    COMPLEXITY_CSV,
+    FULL_MODEL,
+    StudyTables,
+    budget_statement,
+    compute_tables,
+    model_variants,
+    variant_order,
+)
+from egeunet.study_runs import LOCAL_COLUMNS, stage_summary
 
 RUNS_DIR = "runs"
+REPORT_INPUTS = "report.json"
+MAX_SVG_BYTES = 300_000
+MAX_FILE_BYTES = 2_000_000
 
-# (column in the runs table, label, convention) for the main results table.
-MAIN_METRICS = (
-    ("pooled_iou", "IoU (paper's mIoU)", "pooled"),
-    ("pooled_dsc", "DSC", "pooled"),
-    ("pooled_accuracy", "accuracy", "pooled"),
-    ("pooled_specificity", "specificity", "pooled"),
-    ("pooled_sensitivity", "sensitivity", "pooled"),
-    ("image_dsc_mean", "DSC mean", "per image"),
-    ("image_iou_mean", "IoU mean", "per image"),
-    ("image_isic_score", "ISIC 2017 score", "per image"),
-    ("image_hd95_mean", "HD95 mean (px)", "per image"),
+DATA_CREDIT = """\
+Images and lesion masks come from the ISIC Archive of the International Skin Imaging
+Collaboration (<https://www.isic-archive.com>), released under the Creative Commons
+Attribution-NonCommercial licence (CC BY-NC). Cite the challenge papers when you use them:
+
+- ISIC 2017: N. C. F. Codella, D. Gutman, M. E. Celebi et al., "Skin lesion analysis toward
+  melanoma detection: a challenge at the 2017 International Symposium on Biomedical Imaging
+  (ISBI), hosted by the International Skin Imaging Collaboration (ISIC)", ISBI 2018
+  (Codella et al. 2018, arXiv:1710.05006).
+- ISIC 2018: N. Codella, V. Rotemberg, P. Tschandl et al., "Skin lesion analysis toward
+  melanoma detection 2018: a challenge hosted by the International Skin Imaging
+  Collaboration (ISIC)", arXiv:1902.03368 (Codella et al. 2019); and P. Tschandl,
+  C. Rosendahl, H. Kittler, "The HAM10000 dataset, a large collection of multi-source
+  dermatoscopic images of common pigmented skin lesions", Scientific Data 5, 180161
+  (Tschandl et al. 2018).
+
+No ISIC images or masks are stored with this report; figures of example cases, where
+present, show ISIC test images under the same licence.
+"""
+
+SIGNIFICANCE = (
+    "Paired t-test over seeds (scipy.stats.ttest_rel; runs with the same seed are paired). "
+    "A Wilcoxon signed-rank test cannot reach p < 0.05 with so few pairs (its smallest "
+    "two-sided p is 2/2^n: 0.25 with 3 seeds), so the t-test is used; its normality "
+    "assumption cannot be checked on so few seeds, so read p as indicative. With fewer than "
+    "two pairs, or identical differences, the test is undefined (–)."
 )
-PAPER_KEYS = {"pooled_iou": "miou", "pooled_dsc": "dsc"}
-PERCENT_PREFIXES = ("pooled_", "image_dsc", "image_iou", "image_isic")
-
-
-# ---------------------------------------------------------------- reference figures
-
-
-def load_reference_results() -> dict:
-    """The published and re-run figures (``egeunet/reference_results.json``), each with its
-    source and a note on how far it was checked."""
-    text = resources.files("egeunet").joinpath("reference_results.json").read_text("utf-8")
-    return json.loads(text)
-
-
-def reported_points(reference: dict, dataset: str) -> pd.DataFrame:
-    """The paper's and peers' reported (model, params, dsc, source) for one dataset."""
-    rows = []
-    paper_params = {c["model"]: c["params"] for c in reference["paper"]["complexity"]}
-    for entry in reference["paper"]["results"]:
-        if entry["dataset"] == dataset and entry["model"] in paper_params:
-            rows.append(
-                {
-                    "model": entry["model"],
-                    "params": paper_params[entry["model"]],
-                    "dsc": entry["dsc"],
-                    "source": "EGE-UNet paper",
-                }
-            )
-    for entry in reference["peers"]["results"]:
-        if dataset in entry:
-            rows.append(
-                {
-                    "model": entry["model"],
-                    "params": entry["params"],
-                    "dsc": entry[dataset]["dsc"],
-                    "source": "peers in the paper's table",
-                }
-            )
-    return pd.DataFrame(rows, columns=["model", "params", "dsc", "source"])
-
-
-def reported_complexity(reference: dict) -> pd.DataFrame:
-    """Parameters and "GFLOPs" (convolution MACs) as the paper reports them for EGE-UNet
-    (from :func:`egeunet.complexity.paper_reported_complexity`) and for its peers."""
-    from egeunet.complexity import paper_reported_complexity
-
-    paper = paper_reported_complexity()
-    rows = [
-        {
-            "model": "EGE-UNet",
-            "params": paper["params_total"],
-            "gflops": paper["macs_g"],
-            "source": "EGE-UNet paper",
-        }
-    ]
-    rows += [
-        {
-            "model": e["model"],
-            "params": e["params"],
-            "gflops": e["gflops"],
-            "source": "peers in the paper's table",
-        }
-        for e in reference["peers"]["results"]
-    ]
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------- reading run folders
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def _training_config(config_doc: dict) -> dict:
-    """The TrainConfig fields of a run's config.json, whether stored flat or nested."""
-    for key in ("config", "train_config"):
-        if isinstance(config_doc.get(key), dict):
-            return config_doc[key]
-    return config_doc
-
-
-def _hashes(document: dict) -> dict[str, str]:
-    found = {}
-    for key, value in document.items():
-        if isinstance(value, str) and "hash" in key:
-            found[key] = value
-        elif isinstance(value, dict) and key in ("data", "dataset", "manifest"):
-            found.update({f"{key}.{k}": v for k, v in _hashes(value).items()})
-    return found
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """One finished run folder as a flat row: identity (run_id, dataset, protocol, variant,
-    seed), training facts, every pooled metric as ``pooled_<name>`` and every per-image
-    summary as ``image_<name>``, and the data hashes recorded in config.json."""
-    run_dir = Path(run_dir)
-    for name in ("config.json", "metrics.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir}: no {name}; is this a finished run folder?")
-    config_doc = _read_json(run_dir / "config.json")
-    metrics = _read_json(run_dir / "metrics.json")
-    config = _training_config(config_doc)
-    model = config.get("model") or metrics.get("model") or {}
-    row = {
-        "run_id": run_dir.name,
-        "run_dir": str(run_dir),
-        "dataset": config.get("dataset", "unknown"),
-        "protocol": metrics.get("protocol", config.get("protocol", "unknown")),
-        "variant": EGEUNetConfig(**model).name,
-        "seed": config.get("seed"),
-        "epochs": config.get("epochs"),
-        "image_size": config.get("image_size"),
-        "selection": metrics.get("selection", ""),
-        "best_epoch": metrics.get("best_epoch"),
-        "num_images": metrics.get("num_images"),
-        "num_parameters": metrics.get("num_parameters"),
-        "train_seconds": metrics.get("train_seconds"),
-    }
-    row.update({f"pooled_{k}": v for k, v in metrics.get("pooled", {}).items()})
-    row.update({f"image_{k}": v for k, v in metrics.get("per_image", {}).items()})
-    row.update(_hashes(config_doc))
-    row.update(_split_hashes(config_doc.get("data_folder")))
-    return row
-
-
-def _split_hashes(data_folder: str | None) -> dict[str, str]:
-    """SHA-256 of the split manifests (id lists) in the prepared folder a run used."""
-    if not data_folder:
-        return {}
-    found = {}
-    for name in ("challenge", "paper"):
-        path = Path(data_folder) / "splits" / f"{name}.json"
-        if path.is_file():
-            found[f"split_{name}_hash"] = sha256_file(path)
-    return found
-
-
-def run_folders(runs_dir: str | Path) -> list[Path]:
-    """Sub-folders of ``runs_dir`` that look like run folders (hold config.json or an
-    outcome), sorted by name."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    return sorted(
-        p
-        for p in runs_dir.iterdir()
-        if p.is_dir() and ((p / "config.json").is_file() or (p / OUTCOME_FILE).is_file())
-    )
-
-
-def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per finished run under ``runs_dir``: a run folder with metrics.json whose
-    last study outcome, if it has one, is not a failure. (A re-run that failed can leave
-    the metrics of an earlier attempt behind; such a run is listed with the failures.)"""
-    rows = [
-        read_run(p)
-        for p in run_folders(runs_dir)
-        if (p / "metrics.json").is_file() and _failed_outcome(p) is None
-    ]
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table = _separate_same_model_variants(table)
-        table = table.sort_values(["dataset", "protocol", "variant", "seed"]).reset_index(drop=True)
-    return table
-
-
-def _study_label(row: pd.Series) -> str | None:
-    """The variant name the study gave a run, read off its id
-    ``<dataset>-<protocol>-<variant>-seed<seed>`` (None for other folder names)."""
-    prefix, suffix = f"{row['dataset']}-{row['protocol']}-", f"-seed{row['seed']}"
-    run_id = str(row["run_id"])
-    if run_id.startswith(prefix) and run_id.endswith(suffix):
-        return run_id[len(prefix) : -len(suffix)] or None
-    return None
-
-
-def _separate_same_model_variants(table: pd.DataFrame) -> pd.DataFrame:
-    """Variants are named after their model, so two study variants with one model and other
-    training settings (say ``egeunet`` and ``egeunet-imagenet: {normalization: imagenet}``)
-    would be pooled as extra seeds of one variant. Where a model name holds runs of
-    several study variants, the runs whose study name differs take that name."""
-    labels = table.apply(_study_label, axis=1)
-    groups = table.groupby(["dataset", "protocol", "variant"])["run_id"].transform(
-        lambda ids: labels[ids.index].nunique()
-    )
-    rename = (groups > 1) & labels.notna() & (labels != table["variant"])
-    table = table.copy()
-    table.loc[rename, "variant"] = labels[rename]
-    return table
-
-
-def _failed_outcome(run_dir: Path) -> dict | None:
-    """The study runner's outcome of ``run_dir`` if its last attempt failed, else None."""
-    path = run_dir / OUTCOME_FILE
-    if not path.is_file():
-        return None
-    outcome = _read_json(path)
-    return outcome if outcome.get("status") == "failed" else None
-
-
-def collect_failures(runs_dir: str | Path) -> pd.DataFrame:
-    """Runs whose last outcome (written by the study runner) was a failure."""
-    rows = []
-    for folder in run_folders(runs_dir):
-        outcome = _failed_outcome(folder)
-        if outcome is not None:
-            rows.append({"run_id": folder.name, "error": outcome.get("error") or ""})
-    return pd.DataFrame(rows, columns=["run_id", "error"])
-
-
-def _per_run_csv(runs: pd.DataFrame, filename: str) -> pd.DataFrame:
-    frames = []
-    for _, run in runs.iterrows():
-        path = Path(run["run_dir"]) / filename
-        if path.is_file():
-            frame = pd.read_csv(path)
-            for key in ("run_id", "dataset", "protocol", "variant", "seed"):
-                frame[key] = run[key]
-            frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def collect_histories(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every run's history.csv, stacked, with the run's identity columns."""
-    return _per_run_csv(runs, "history.csv")
-
-
-def collect_per_image(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every run's per_image.csv, stacked, with the run's identity columns."""
-    return _per_run_csv(runs, "per_image.csv")
-
-
-# ---------------------------------------------------------------- tables
-
-
-def variant_order(variants: list[str] | pd.Series) -> list[str]:
-    """The ablation ladder first (in its order), then any other variant alphabetically."""
-    present = list(dict.fromkeys(variants))
-    ladder = [v for v in ABLATION_LADDER if v in present]
-    return ladder + sorted(v for v in present if v not in ladder)
-
-
-def _is_percent(column: str) -> bool:
-    return column.startswith(PERCENT_PREFIXES)
-
-
-def _scaled(runs: pd.DataFrame, column: str) -> pd.Series:
-    values = pd.to_numeric(runs[column], errors="coerce")
-    return 100 * values if _is_percent(column) else values
-
-
-def main_results(runs: pd.DataFrame, reference: dict, full_model: str = FULL_MODEL) -> pd.DataFrame:
-    """Our full model per dataset and protocol, mean and std over seeds for every metric,
-    beside the paper's value and the independent re-runs' range (percent)."""
-    paper = {
-        (r["dataset"], key): r[key]
-        for r in reference["paper"]["results"]
-        if r["model"] == "EGE-UNet"
-        for key in ("miou", "dsc")
-    }
-    reruns = {r["dataset"]: r for r in reference["reruns"]["results"]}
-    rows = []
-    full = runs[runs["variant"] == full_model]
-    for (dataset, protocol), group in full.groupby(["dataset", "protocol"], sort=True):
-        for column, label, convention in MAIN_METRICS:
-            if column not in group.columns:
-                continue
-            values = _scaled(group, column).dropna()
-            paper_key = PAPER_KEYS.get(column)
-            paper_value = paper.get((dataset, paper_key), math.nan) if paper_key else math.nan
-            rerun = reruns.get(dataset, {})
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "protocol": protocol,
-                    "selection": "; ".join(sorted(set(group["selection"].astype(str)))),
-                    "metric": label,
-                    "convention": convention,
-                    "seeds": len(values),
-                    "mean": values.mean() if len(values) else math.nan,
-                    "std": values.std(ddof=1) if len(values) > 1 else math.nan,
-                    "paper": paper_value,
-                    "difference": (values.mean() - paper_value) if len(values) else math.nan,
-                    "reruns_min": rerun.get(f"{paper_key}_min", math.nan)
-                    if paper_key
-                    else math.nan,
-                    "reruns_max": rerun.get(f"{paper_key}_max", math.nan)
-                    if paper_key
-                    else math.nan,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """A variant against the full model over seeds both have: differences variant - full."""
-
-    pairs: int
-    mean_difference: float
-    std_difference: float
-    t_statistic: float
-    p_value: float
-
-
-def paired_comparison(variant: pd.Series, full: pd.Series) -> PairedComparison:
-    """Paired t-test (scipy.stats.ttest_rel) of two per-seed series indexed by seed.
-    With fewer than two pairs, or identical differences, the test is undefined (NaN)."""
-    joined = pd.concat({"variant": variant, "full": full}, axis=1).dropna()
-    differences = joined["variant"] - joined["full"]
-    pairs = len(differences)
-    mean = differences.mean() if pairs else math.nan
-    std = differences.std(ddof=1) if pairs > 1 else math.nan
-    if pairs < 2 or not np.isfinite(std) or std == 0:
-        return PairedComparison(pairs, mean, std, math.nan, math.nan)
-    result = stats.ttest_rel(joined["variant"], joined["full"])
-    return PairedComparison(pairs, mean, std, float(result.statistic), float(result.pvalue))
-
-
-def ablation_table(
-    runs: pd.DataFrame, metric: str = "pooled_dsc", full_model: str = FULL_MODEL
-) -> pd.DataFrame:
-    """Per dataset, protocol and variant: mean and std over seeds of pooled DSC and IoU and
-    per-image DSC (percent), parameters, and the paired difference of ``metric`` against the
-    full model with its paired t-test."""
-    rows = []
-    for (dataset, protocol), group in runs.groupby(["dataset", "protocol"], sort=True):
-        full = _scaled(group[group["variant"] == full_model].set_index("seed"), metric)
-        for variant in variant_order(group["variant"]):
-            subset = group[group["variant"] == variant]
-            row = {
-                "dataset": dataset,
-                "protocol": protocol,
-                "variant": variant,
-                "params": subset["num_parameters"].iloc[0],
-                "seeds": len(subset),
-            }
-            for column in ("pooled_dsc", "pooled_iou", "image_dsc_mean"):
-                if column in subset.columns:
-                    values = _scaled(subset, column)
-                    row[f"{column}_mean"] = values.mean()
-                    row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-            if variant != full_model and not full.empty:
-                comparison = paired_comparison(_scaled(subset.set_index("seed"), metric), full)
-                row.update(
-                    {
-                        "pairs": comparison.pairs,
-                        "difference_mean": comparison.mean_difference,
-                        "difference_std": comparison.std_difference,
-                        "t": comparison.t_statistic,
-                        "p_value": comparison.p_value,
-                    }
-                )
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def complexity_summary(study_dir: Path) -> pd.DataFrame:
-    """The complexity table ``02_complexity`` wrote for the study, or an empty table."""
-    path = study_dir / COMPLEXITY_CSV
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _mean_std(mean: float, std: float, digits: int = 2) -> str:
-    if not np.isfinite(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if not np.isfinite(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _number(value: float, digits: int = 2) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) and np.isfinite(value) else "–"
-
-
-def _p_value(value: float) -> str:
-    if not np.isfinite(value):
-        return "–"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def format_main_results(table: pd.DataFrame) -> pd.DataFrame:
-    """The main results for reading: mean ± std strings, the re-runs as a range."""
-    if table.empty:
-        return table
-    return pd.DataFrame(
-        {
-            "dataset": table["dataset"],
-            "protocol": table["protocol"],
-            "metric": table["metric"],
-            "convention": table["convention"],
-            "ours (mean ± sd)": [
-                _mean_std(m, s) for m, s in zip(table["mean"], table["std"], strict=True)
-            ],
-            "seeds": table["seeds"],
-            "paper": [_number(v) for v in table["paper"]],
-            "ours − paper": [_number(v) for v in table["difference"]],
-            "re-runs": [
-                f"{_number(lo, 1)}–{_number(hi, 1)}" if np.isfinite(lo) else "–"
-                for lo, hi in zip(table["reruns_min"], table["reruns_max"], strict=True)
-            ],
-        }
-    )
-
-
-def format_ablation(table: pd.DataFrame, metric_label: str = "DSC") -> pd.DataFrame:
-    """The ablation table for reading."""
-    if table.empty:
-        return table
-    formatted = pd.DataFrame(
-        {
-            "dataset": table["dataset"],
-            "protocol": table["protocol"],
-            "variant": table["variant"],
-            "params": [f"{int(p):,}" if pd.notna(p) else "–" for p in table["params"]],
-            "seeds": table["seeds"],
-        }
-    )
-    for column, label in (
-        ("pooled_dsc", "DSC"),
-        ("pooled_iou", "IoU"),
-        ("image_dsc_mean", "per-image DSC"),
-    ):
-        if f"{column}_mean" in table.columns:
-            formatted[label] = [
-                _mean_std(m, s)
-                for m, s in zip(table[f"{column}_mean"], table[f"{column}_std"], strict=True)
-            ]
-    if "difference_mean" in table.columns:
-        formatted[f"Δ{metric_label} vs full"] = [
-            _mean_std(m, s)
-            for m, s in zip(table["difference_mean"], table["difference_std"], strict=True)
-        ]
-        formatted["paired t-test p"] = [_p_value(p) for p in table["p_value"]]
-    return formatted
-
-
-COMPLEXITY_FORMATS = {
-    "params_total": "{:,.0f}",
-    "params_trainable": "{:,.0f}",
-    "macs_g": "{:.4f}",
-    "fvcore_default_g": "{:.4f}",
-    "fvcore_full_g": "{:.4f}",
-    "fvcore_flops_g": "{:.4f}",
-    "latency_ms_b1": "{:.1f}",
-    "latency_ms_b8": "{:.1f}",
-}
-
-
-def format_complexity(table: pd.DataFrame) -> pd.DataFrame:
-    """The complexity table for reading: thousands separators, 4 decimals of G, 0.1 ms."""
-    formatted = table.copy().astype(object)
-    for column, pattern in COMPLEXITY_FORMATS.items():
-        if column in formatted.columns:
-            formatted[column] = [pattern.format(v) if pd.notna(v) else "–" for v in table[column]]
-    return formatted.fillna("–")
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pipe characters in cells escaped)."""
-    if table.empty:
-        return "_(no rows)_\n"
-
-    def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    header = "| " + " | ".join(cell(c) for c in table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
-LATEX_SPECIALS = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "±": r"$\pm$",
-    "−": "$-$",
-    "–": "--",
-    "Δ": r"$\Delta$",
-}
-
-
-def latex_escape(text: object) -> str:
-    return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
-
-
-def latex_table(table: pd.DataFrame) -> str:
-    """A booktabs LaTeX tabular of a formatted table, every cell escaped."""
-    escaped = table.map(latex_escape) if not table.empty else table
-    escaped.columns = [latex_escape(c) for c in table.columns]
-    return escaped.to_latex(index=False, escape=False)
-
-
-def write_table(numbers: pd.DataFrame, readable: pd.DataFrame, tables_dir: Path, name: str) -> None:
-    """``<name>.csv`` with the full-precision numbers and ``<name>.tex`` with the readable form."""
-    write_text_atomic(tables_dir / f"{name}.csv", numbers.to_csv(index=False))
-    write_text_atomic(tables_dir / f"{name}.tex", latex_table(readable))
-
-
-# ---------------------------------------------------------------- the report
 
 
 @dataclass
@@ -583,16 +109,61 @@ class Report:
 
     markdown_path: Path
     html_path: Path
+    findings_path: Path
     tables: dict[str, Path] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     runs: int = 0
     failures: int = 0
 
 
-def _figure_section(name: str, title: str, figure, figures_dir: Path, report: Report) -> str:
-    paths = figures.save_figure(figure, figures_dir / name)
-    report.figures[name] = paths[0]
-    return f"![{title}](figures/{paths[0].name})\n\n*{title}* ([SVG](figures/{paths[1].name}))\n"
+class _Writer:
+    """Writes the report's tables and figures and collects the Markdown around them."""
+
+    def __init__(self, output_dir: Path, report: Report, draw: bool) -> None:
+        self.tables_dir = _fresh_dir(output_dir / "tables")
+        self.figures_dir = _fresh_dir(output_dir / "figures")
+        self.report, self.draw = report, draw
+        self.parts: list[str] = []
+
+    def text(self, *lines: str) -> None:
+        self.parts.extend(lines)
+
+    def table(
+        self, name: str, numbers: pd.DataFrame, readable: pd.DataFrame, show: bool = True
+    ) -> None:
+        """``<name>.csv`` (full precision) and ``<name>.tex`` (readable), shown in the
+        Markdown unless ``show`` is false."""
+        write_text_atomic(self.tables_dir / f"{name}.csv", numbers.to_csv(index=False))
+        write_text_atomic(self.tables_dir / f"{name}.tex", latex_table(readable))
+        self.report.tables[name] = self.tables_dir / f"{name}.csv"
+        if show:
+            self.parts.append(markdown_table(readable))
+
+    def figure(self, name: str, title: str, make_figure: Callable, *args: object) -> None:
+        """Draw ``make_figure(*args)`` as ``figures/<name>.png`` (and ``.svg`` where small),
+        unless this build draws no figures."""
+        if not self.draw:
+            return
+        paths = figures.save_figure(
+            make_figure(*args),
+            self.figures_dir / name,
+            max_svg_bytes=MAX_SVG_BYTES,
+            max_png_bytes=MAX_FILE_BYTES,
+        )
+        self.report.figures[name] = paths[0]
+        links = "".join(f" ([SVG](figures/{p.name}))" for p in paths[1:])
+        self.parts.append(f"![{title}](figures/{paths[0].name})\n\n*{title}*{links}\n")
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path``; only used for the report's own generated folders."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# ---------------------------------------------------------------- sections
 
 
 def data_overview_table(runs_dir: Path) -> pd.DataFrame:
@@ -601,7 +172,7 @@ def data_overview_table(runs_dir: Path) -> pd.DataFrame:
     for folder in sorted(runs_dir.glob("01_data-*")):
         summary_path = folder / "summary.json"
         if summary_path.is_file():
-            summary = _read_json(summary_path)
+            summary = json.loads(summary_path.read_text("utf-8"))
             row = {
                 "dataset": summary["dataset"],
                 "images": summary["num_images"],
@@ -612,71 +183,136 @@ def data_overview_table(runs_dir: Path) -> pd.DataFrame:
             if "median" in fractions:
                 row["median lesion share"] = f"{100 * fractions['median']:.1f}%"
             rows.append(row)
+    return pd.DataFrame(rows).convert_dtypes()
+
+
+def _split_hashes(runs: pd.DataFrame) -> pd.DataFrame:
+    """SHA-256 of the split manifests (id lists) in the prepared folder each dataset's
+    runs used, where that folder is on this machine (provenance, not a table)."""
+    rows = []
+    for (dataset, folder), _ in runs.groupby(["dataset", "data_folder"], dropna=True):
+        row = {"dataset": dataset}
+        for name in ("challenge", "paper"):
+            path = Path(folder) / "splits" / f"{name}.json"
+            if path.is_file():
+                row[f"split_{name}_hash"] = sha256_file(path)
+        if len(row) > 1:
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _setup_section(runs: pd.DataFrame, study_name: str) -> str:
+def _status_section(writer: _Writer, tables: StudyTables, study_file: str | None) -> None:
+    writer.text("## Run status\n")
+    status = tables.status
+    if study_file:
+        shown_path = study_file.lstrip("./")
+        writer.text(
+            f"Every training run [`{shown_path}`]({study_file}) declares, stage by stage: "
+            "*done* (metrics "
+            "written), *unfinished* (epochs so far; *resumable* when its `last.pt` is kept), "
+            "*failed* or *not started*.\n"
+        )
+        writer.text(markdown_table(stage_summary(status)))
+    else:
+        writer.text(
+            "The run folders found (no study file given: `egeunet report DIR --study FILE` "
+            "also lists the runs still to come).\n"
+        )
+    writer.table(
+        "run_status", status.drop(columns=["hardware", "torch", "commit"]), format_status(status)
+    )
+    if not tables.failures.empty:
+        writer.text("\nFailed runs, with their errors:\n", markdown_table(tables.failures))
+
+
+def _setup_section(writer: _Writer, tables: StudyTables, runs_dir: Path) -> None:
+    runs = tables.runs
+    writer.text("## Setup\n")
     lines = [
-        f"- Study: `{study_name}`; {len(runs)} finished run(s).",
-        f"- Generated: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} "
-        "from the run folders (regenerate, do not edit).",
+        "- Generated by `egeunet report` from the run folders: regenerate it, never edit it.",
     ]
     for column, label in (
-        ("epochs", "epochs"),
         ("image_size", "image size"),
         ("seed", "seeds"),
         ("selection", "model selection"),
+        ("validation_source", "selection data"),
     ):
         if column in runs.columns:
-            values = sorted({str(v) for v in runs[column].dropna()})
-            lines.append(f"- {label}: {', '.join(values)}")
+            values = sorted({str(v) for v in runs[column].dropna()} - {""})
+            if values:
+                lines.append(f"- {label}: {', '.join(values)}")
+    writer.text("\n".join(lines) + "\n")
     hash_columns = [c for c in runs.columns if "hash" in c]
     if hash_columns:
-        lines.append("\nData and split manifests (SHA-256):\n")
-        hashes = runs[["dataset", *hash_columns]].drop_duplicates().fillna("–")
-        lines.append(markdown_table(hashes))
-    return "\n".join(lines) + "\n"
+        writer.text("\nData manifests (SHA-256, from each run's config.json):\n")
+        writer.text(
+            markdown_table(runs[["dataset", *hash_columns]].drop_duplicates().fillna(MISSING))
+        )
+    splits = _split_hashes(runs) if "data_folder" in runs else pd.DataFrame()
+    if not splits.empty:
+        writer.text("\nSplit manifests (SHA-256, read from the prepared data on this machine):\n")
+        writer.text(markdown_table(splits.fillna(MISSING)))
+    data = data_overview_table(runs_dir)
+    if not data.empty:
+        writer.text("\nImages per split (from `01_data`):\n", markdown_table(data.fillna(MISSING)))
 
 
-def _write_group_figures(
-    runs: pd.DataFrame,
-    histories: pd.DataFrame,
-    per_image: pd.DataFrame,
-    ablation: pd.DataFrame,
-    reference: dict,
-    figures_dir: Path,
-    report: Report,
-) -> str:
-    sections = []
-    for (dataset, protocol), group in runs.groupby(["dataset", "protocol"], sort=True):
-        key = f"{dataset}_{protocol}"
+def _main_section(writer: _Writer, tables: StudyTables, full_model: str) -> None:
+    runs = tables.runs
+    writer.text("## 1. Main results\n")
+    if tables.comparison.empty:
+        writer.text("No finished run of the full model yet.\n")
+        return
+    writer.text(
+        f"The full model ({full_model}), mean ± sample sd over seeds, in percent. "
+        f"{budget_statement(runs[runs['variant'] == full_model])} *Pooled* = one confusion "
+        "matrix over every test pixel (the paper's convention; its 'mIoU' is the lesion "
+        "IoU); *per image* = the mean over test images. Under the *paper* protocol the "
+        "checkpoint is selected on the test split itself, as the published code does; "
+        "*clean* selects on held-out validation data. Published figures are pooled and were "
+        "selected on the split they were scored on, so they compare with our paper protocol "
+        "only; each carries its verification status (*verified*: seen in the named source; "
+        "*third-party*: seen only where someone else quotes the paper). Figures that could "
+        "not be verified are not shown (see *Reference figures*).\n"
+    )
+    writer.table("comparison", tables.comparison, format_comparison(tables.comparison), show=False)
+    for dataset, rows in tables.comparison.groupby("dataset", sort=True):
+        writer.text(f"### {dataset_name(dataset)}\n", markdown_table(format_comparison(rows)))
+    writer.text("\nEvery metric of the full model:\n")
+    writer.table("main_results", tables.main, format_main_results(tables.main))
+
+
+def _ablation_section(writer: _Writer, tables: StudyTables, reference: dict) -> None:
+    writer.text("\n## 2. Ablation ladder\n")
+    ablation = tables.ablation
+    if ablation.empty:
+        writer.text("No dataset has finished runs of more than one model variant yet.\n")
+        return
+    variants = model_variants(tables.runs)
+    writer.text(
+        "Mean ± sd over seeds (percent). Each rung adds one module to the one below it "
+        "(GHPA, then GAB, then deep supervision: the full model). ΔDSC = pooled DSC of the "
+        "variant minus the rung below / minus the full model, paired by seed. Parameters and "
+        "convolution MACs (the paper's 'GFLOPs') at 256x256 come from `02_complexity`. "
+        f"{budget_statement(variants[variants['variant'].isin(ablation['variant'])])} "
+        f"{SIGNIFICANCE}\n"
+    )
+    writer.table("ablation", ablation, format_ablation(ablation))
+    for (dataset, protocol), rows in ablation.groupby(["dataset", "protocol"], sort=True):
+        group = variants[(variants["dataset"] == dataset) & (variants["protocol"] == protocol)]
         order = variant_order(group["variant"])
-        sections.append(f"### {dataset}, {protocol} protocol\n")
-        history = (
-            histories[(histories["dataset"] == dataset) & (histories["protocol"] == protocol)]
-            if not histories.empty
-            else histories
+        key = f"{dataset}_{protocol}"
+        writer.figure(
+            f"ablation_{key}",
+            f"Pooled DSC per variant, mean ± sd over seeds, seeds as dots ({dataset}, {protocol})",
+            figures.ablation_bars,
+            group,
+            "pooled_dsc",
+            "pooled DSC",
+            order,
         )
-        if not history.empty:
-            sections.append(
-                _figure_section(
-                    f"learning_curves_{key}",
-                    f"Learning curves per variant ({dataset}, {protocol})",
-                    figures.learning_curves(history, order),
-                    figures_dir,
-                    report,
-                )
-            )
-        sections.append(
-            _figure_section(
-                f"ablation_{key}",
-                f"Pooled DSC per variant, mean ± sd over seeds ({dataset}, {protocol})",
-                figures.ablation_bars(group, "pooled_dsc", "pooled DSC", order),
-                figures_dir,
-                report,
-            )
-        )
-        rows = ablation[(ablation["dataset"] == dataset) & (ablation["protocol"] == protocol)]
+        if protocol != "paper":
+            continue
         ours = pd.DataFrame(
             {
                 "variant": rows["variant"],
@@ -685,60 +321,188 @@ def _write_group_figures(
                 "dsc_std": rows["pooled_dsc_std"],
             }
         )
-        sections.append(
-            _figure_section(
-                f"dsc_vs_params_{key}",
-                f"DSC against parameters with reported points ({dataset})",
-                figures.dsc_against_parameters(ours, reported_points(reference, dataset)),
-                figures_dir,
-                report,
-            )
+        writer.figure(
+            f"dsc_vs_params_{key}",
+            f"Pooled DSC against parameters, with the shown published figures ({dataset})",
+            figures.dsc_against_parameters,
+            ours,
+            reported_points(reference, dataset),
         )
-        images = (
-            per_image[(per_image["dataset"] == dataset) & (per_image["protocol"] == protocol)]
-            if not per_image.empty
-            else per_image
+
+
+def _selection_section(writer: _Writer, tables: StudyTables) -> None:
+    writer.text("\n## 3. Test-set model selection: paper against clean\n")
+    protocols, selection = tables.protocols, tables.selection
+    if protocols.empty:
+        writer.text("No dataset has finished runs of the full model under both protocols yet.\n")
+    else:
+        writer.text(
+            "How much selecting the checkpoint on the test split (the published protocol) "
+            "inflates the figures: the full model under the paper protocol minus the clean "
+            "protocol, same dataset and seeds, paired by seed, on the same test split. The "
+            "clean protocol holds some training images out to select on, so it trains on "
+            f"fewer. {budget_statement(tables.runs[tables.runs['dataset'].isin(protocols['dataset'])])}"
+            f" {SIGNIFICANCE}\n"
         )
-        if not images.empty and "dsc" in images.columns:
-            sections.append(
-                _figure_section(
-                    f"per_image_dsc_{key}",
-                    f"Per-image DSC, all seeds ({dataset}, {protocol})",
-                    figures.per_image_distribution(images, order),
-                    figures_dir,
-                    report,
-                )
+        writer.table("protocols", protocols, format_protocols(protocols))
+    if not selection.empty:
+        writer.text(
+            "\nWithin the paper-protocol runs, whose validation split is the test split: the "
+            "pooled test DSC of the checkpoint selected there (lowest loss) against the "
+            "model of the last epoch, which no selection touched, and against the best epoch "
+            "by DSC (an oracle no honest protocol can reach).\n"
+        )
+        writer.table("selection", selection, format_selection(selection))
+
+
+def _budget_section(writer: _Writer, tables: StudyTables) -> None:
+    budget = tables.budget
+    writer.text("\n## 4. Budget against the full recipe\n")
+    if budget.empty:
+        writer.text("No run with a longer budget has finished yet.\n")
+        return
+    compared = set(budget["variant"]) | set(budget["base_variant"])
+    writer.text(
+        "Runs of the same model trained for more epochs against the declared budget, same "
+        "dataset and protocol; the longer run's validation DSC at the epoch where the "
+        "declared budget ends shows where it stood then. "
+        f"{budget_statement(tables.runs[tables.runs['variant'].isin(compared)])}\n"
+    )
+    writer.table("budget", budget, format_budget(budget))
+    histories = tables.histories
+    for _, row in budget.iterrows():
+        same = (histories["dataset"] == row["dataset"]) & (histories["protocol"] == row["protocol"])
+        long = histories[same & (histories["variant"] == row["variant"])]
+        short = histories[same & (histories["variant"] == row["base_variant"])]
+        if long.empty or "val_dsc" not in histories:
+            continue
+        writer.figure(
+            f"budget_{row['dataset']}_{row['protocol']}_{row['variant']}",
+            f"Validation DSC per epoch: {row['variant']} ({row['epochs']} epochs) against "
+            f"{row['base_variant']} ({row['base_epochs']} epochs, mean ± sd over seeds); "
+            f"{row['dataset']}, {row['protocol']} protocol",
+            figures.budget_curves,
+            short.assign(val_dsc=100 * short["val_dsc"]),
+            long.assign(val_dsc=100 * long["val_dsc"]),
+            "val_dsc",
+            "validation DSC (%)",
+        )
+
+
+def _curves_section(writer: _Writer, tables: StudyTables) -> None:
+    writer.text("\n## 5. Learning curves\n")
+    histories = tables.histories
+    if histories.empty:
+        writer.text("No history yet.\n")
+        return
+    writer.text(
+        "Training and validation loss and validation DSC per epoch, mean over seeds with a "
+        "band of ± 1 sd. Under the paper protocol the validation split is the test split. "
+        "Runs with another budget are in section 4.\n"
+    )
+    variants = model_variants(tables.runs)
+    for (dataset, protocol), group in variants.groupby(["dataset", "protocol"], sort=True):
+        history = histories[histories["run_id"].isin(group["run_id"])]
+        if history.empty:
+            continue
+        writer.text(f"\n{budget_statement(group)}\n")
+        writer.figure(
+            f"learning_curves_{dataset}_{protocol}",
+            f"Learning curves per variant ({dataset}, {protocol})",
+            figures.learning_curves,
+            history,
+            variant_order(group["variant"]),
+        )
+
+
+def _per_image_section(writer: _Writer, tables: StudyTables) -> None:
+    writer.text("\n## 6. Per-image DSC; best, median and worst cases\n")
+    summary, per_image = tables.per_image_summary, tables.per_image
+    if summary.empty:
+        writer.text("No per-image scores yet.\n")
+        return
+    writer.text("Per-image DSC (percent) over every test image of every seed.\n")
+    writer.table("per_image", summary, format_per_image(summary))
+    for (dataset, protocol), group in per_image.groupby(["dataset", "protocol"], sort=True):
+        writer.figure(
+            f"per_image_dsc_{dataset}_{protocol}",
+            f"Per-image DSC, all seeds ({dataset}, {protocol})",
+            figures.per_image_distribution,
+            group,
+            variant_order(group["variant"]),
+        )
+    cases = tables.cases
+    if cases.empty:
+        return
+    writer.text(
+        "\nThe best, median and worst test image of the full model's lowest-seed run, by "
+        "per-image DSC:\n"
+    )
+    writer.table("cases", cases, cases.assign(dsc=[number(v, 1) for v in cases["dsc"]]))
+    run_dirs = tables.runs.set_index("run_id")["run_dir"]
+    for run_id in dict.fromkeys(cases["run_id"]):
+        if not (Path(run_dirs[run_id]) / CASES_FILE).is_file():
+            writer.text(
+                f"\n_No pictures of {run_id}'s cases: its `{CASES_FILE}` (dataset pixels) is "
+                "not in the run folder; committed run folders never keep it._\n"
             )
-        cases_section = _cases_section(group, key, figures_dir, report)
-        if cases_section:
-            sections.append(cases_section)
-    return "\n".join(sections)
+            continue
+        writer.figure(
+            f"cases_{run_id}",
+            f"Best, median and worst test images of {run_id} (ISIC Archive, CC BY-NC)",
+            case_figure,
+            run_dirs[run_id],
+        )
 
 
-def _cases_section(group: pd.DataFrame, key: str, figures_dir: Path, report: Report) -> str:
-    """The best/median/worst grid of the full model's lowest-seed run that saved cases."""
-    candidates = group[group["variant"] == FULL_MODEL].sort_values("seed")
-    if candidates.empty:
-        candidates = group.sort_values(["variant", "seed"])
-    for _, run in candidates.iterrows():
-        grid = case_figure(run["run_dir"])
-        if grid is not None:
-            return _figure_section(
-                f"cases_{key}",
-                f"Best, median and worst test images of {run['run_id']}",
-                grid,
-                figures_dir,
-                report,
-            )
-    return ""
+def _complexity_section(writer: _Writer, tables: StudyTables) -> None:
+    writer.text("\n## 7. Complexity\n")
+    complexity = tables.complexity
+    if complexity.empty:
+        writer.text(
+            f"No complexity table at `{COMPLEXITY_CSV}`; run `02_complexity` for this study.\n"
+        )
+        return
+    writer.text(
+        "Parameters; convolution multiply-accumulates in the paper's convention (what it "
+        "calls GFLOPs); fvcore FLOPs with every op counted; CPU latency per image where "
+        "measured.\n"
+    )
+    writer.table("complexity", complexity, format_complexity(complexity))
 
 
-def _fresh_dir(path: Path) -> Path:
-    """An empty folder at ``path``; only used for the report's own generated folders."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+def _cost_section(writer: _Writer, tables: StudyTables) -> None:
+    writer.text("\n## 8. Cost\n")
+    cost, total = tables.cost, tables.total
+    if cost.empty:
+        writer.text("No run has trained an epoch yet.\n")
+        return
+    writer.text(
+        "Every run that trained: training wall time (the sum of its epochs' seconds, "
+        "validation included), median training images per second over its epochs, and the "
+        "hardware its config.json records. Runs that share a machine side by side slow each "
+        f"other down. Total: **{number(total['wall_hours'], 1)} h** of training wall time over "
+        f"{total['runs']} run(s), {number(total['core_hours'], 1)} core-hours.\n"
+    )
+    writer.table("cost", cost, format_cost(cost))
+
+
+def _references_section(writer: _Writer, reference: dict) -> None:
+    writer.text("\n## Reference figures and their status\n")
+    writer.text(
+        "From `egeunet/reference_results.json`. Statuses: "
+        + "; ".join(f"*{k}*: {v}" for k, v in reference["statuses"].items())
+        + ". Shown:\n"
+    )
+    shown = shown_figures(reference)
+    writer.table("references", shown, format_references(shown))
+    withheld = withheld_figures(reference)
+    if not withheld.empty:
+        writer.text("\nNot shown (their values are not quoted anywhere in this report):\n")
+        writer.text(markdown_table(withheld.replace("", MISSING)))
+
+
+# ---------------------------------------------------------------- build and check
 
 
 HTML_TEMPLATE = """<!DOCTYPE html>
@@ -752,94 +516,151 @@ img{{max-width:100%}}</style></head><body>
 """
 
 
+def _relative_study_file(study_file: str | Path | None, study_dir: Path) -> str | None:
+    """The study file as a path relative to the study folder (how report.json keeps it)."""
+    if study_file is None:
+        return None
+    return Path(os.path.relpath(Path(study_file).resolve(), study_dir.resolve())).as_posix()
+
+
 def build_report(
-    study_dir: str | Path, study_name: str | None = None, full_model: str = FULL_MODEL
+    study_dir: str | Path,
+    study_name: str | None = None,
+    full_model: str = FULL_MODEL,
+    study_file: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    draw: bool = True,
 ) -> Report:
-    """Regenerate ``<study_dir>/REPORT.md``, ``REPORT.html``, ``tables/`` and ``figures/``
-    from the run folders in ``<study_dir>/runs`` and the complexity table of ``02``."""
+    """Regenerate a study's report from the run folders in ``<study_dir>/runs`` and the
+    complexity table of ``02_complexity``, into ``output_dir`` (default: the study
+    folder). ``study_file`` (the study's YAML) adds the runs still to come to the run
+    status; ``draw=False`` skips the figures (the tables and findings are the same)."""
     study_dir = Path(study_dir)
     runs_dir = study_dir / RUNS_DIR
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir}: no runs folder; run the study first")
+    output_dir = Path(output_dir) if output_dir is not None else study_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
     study_name = study_name or study_dir.name
     reference = load_reference_results()
-    runs = collect_runs(runs_dir)
-    failures = collect_failures(runs_dir)
-    tables_dir = _fresh_dir(study_dir / "tables")
-    figures_dir = _fresh_dir(study_dir / "figures")
+    tables = compute_tables(study_dir, reference, study_file, full_model)
     report = Report(
-        study_dir / "REPORT.md", study_dir / "REPORT.html", runs=len(runs), failures=len(failures)
+        output_dir / "REPORT.md",
+        output_dir / "REPORT.html",
+        output_dir / "findings.md",
+        runs=len(tables.runs),
+        failures=len(tables.failures),
     )
-
-    parts = [f"# Study report: {study_name}\n", "## Setup\n", _setup_section(runs, study_name)]
-    data = data_overview_table(runs_dir)
-    if not data.empty:
-        parts += ["\nImages per split (from `01_data`):\n", markdown_table(data.fillna("–"))]
-    if not failures.empty:
-        parts += ["## Failed runs\n", markdown_table(failures)]
-    if runs.empty:
-        parts.append("\nNo finished runs yet.\n")
-    else:
-        main = main_results(runs, reference, full_model)
-        ablation = ablation_table(runs, full_model=full_model)
-        write_table(main, format_main_results(main), tables_dir, "main_results")
-        write_table(ablation, format_ablation(ablation), tables_dir, "ablation")
-        write_table(
-            runs.drop(columns=["run_dir"]), runs.drop(columns=["run_dir"]), tables_dir, "runs"
-        )
-        parts += [
-            "## 1. Main results\n",
-            f"The full model ({full_model}), mean ± sample sd over seeds, in percent (HD95 in "
-            "pixels). *Pooled* = one confusion matrix over every test pixel (the paper's "
-            "convention, its 'mIoU' is the lesion IoU); *per image* = mean over images. The "
-            "paper's values and the independent re-runs are pooled figures from "
-            "`egeunet/reference_results.json`, recalled, not yet checked against the PDF. "
-            "Under the paper protocol the checkpoint is selected on the test split itself "
-            "(test-set model selection), as the published code does.\n",
-            markdown_table(format_main_results(main)),
-            "\n## 2. Ablations\n",
-            "Mean ± sd over seeds (percent). Δ = variant − full model on pooled DSC, paired by "
-            "seed; p from a paired t-test (scipy.stats.ttest_rel). A Wilcoxon signed-rank test "
-            "cannot reach p < 0.05 with 5 pairs (its minimum two-sided p is 0.0625), so the "
-            "t-test is used; its normality assumption cannot be checked on so few seeds, so "
-            "read p as indicative.\n",
-            markdown_table(format_ablation(ablation)),
-        ]
-        report.tables.update(
-            {n: tables_dir / f"{n}.csv" for n in ("main_results", "ablation", "runs")}
-        )
-    complexity = complexity_summary(study_dir)
-    parts.append("\n## 3. Complexity\n")
-    if complexity.empty:
-        parts.append(
-            f"No complexity table at `{COMPLEXITY_CSV}`; run `02_complexity` for this study.\n"
-        )
-    else:
-        parts.append(
-            "Parameters; convolution multiply-accumulates in the paper's convention "
-            "(what it calls GFLOPs); fvcore FLOPs with every op counted; CPU latency "
-            "per image (median after warm-up).\n"
-        )
-        parts.append(markdown_table(format_complexity(complexity)))
-        write_table(complexity, format_complexity(complexity), tables_dir, "complexity")
-        report.tables["complexity"] = tables_dir / "complexity.csv"
+    writer = _Writer(output_dir, report, draw)
+    relative_file = _relative_study_file(study_file, study_dir)
+    found = findings(tables, reference, full_model)
+    runs = tables.runs
+    budget = budget_statement(runs[runs["variant"] == full_model]) if not runs.empty else ""
+    writer.text(f"# Study report: {study_name}\n")
+    if budget:
+        writer.text(f"> {budget}\n")
+    writer.text(found.markdown())
+    _status_section(writer, tables, relative_file)
+    _setup_section(writer, tables, runs_dir)
     if not runs.empty:
-        parts.append("\n## 4. Figures\n")
-        parts.append(
-            _write_group_figures(
-                runs,
-                collect_histories(runs),
-                collect_per_image(runs),
-                ablation,
-                reference,
-                figures_dir,
-                report,
-            )
+        writer.table(
+            "runs",
+            runs.drop(columns=list(LOCAL_COLUMNS)),
+            runs.drop(columns=list(LOCAL_COLUMNS)),
+            show=False,
         )
-    text = "\n".join(parts)
+        writer.text("\nOne row per finished run: `tables/runs.csv`.\n")
+    _main_section(writer, tables, full_model)
+    _ablation_section(writer, tables, reference)
+    _selection_section(writer, tables)
+    _budget_section(writer, tables)
+    _curves_section(writer, tables)
+    _per_image_section(writer, tables)
+    _complexity_section(writer, tables)
+    _cost_section(writer, tables)
+    _references_section(writer, reference)
+    if any(str(d).startswith("isic") for d in _datasets(tables)):
+        writer.text("\n## Data: credit and licence\n", DATA_CREDIT)
+    _write_findings(found, output_dir, study_name)
+    write_json_atomic(
+        output_dir / REPORT_INPUTS, {"study_file": relative_file, "full_model": full_model}
+    )
+    text = "\n".join(writer.parts)
     write_text_atomic(report.markdown_path, text)
     body = markdown.markdown(text, extensions=["tables"])
     write_text_atomic(
         report.html_path, HTML_TEMPLATE.format(title=f"Study report: {study_name}", body=body)
     )
     return report
+
+
+def _datasets(tables: StudyTables) -> set[str]:
+    """Datasets the study has runs of, finished or not (read off run ids when needed)."""
+    found = set(tables.runs["dataset"]) if not tables.runs.empty else set()
+    found |= {str(run_id).split("-")[0] for run_id in tables.status["run_id"]}
+    return found
+
+
+def _write_findings(found: Findings, output_dir: Path, study_name: str) -> None:
+    text = found.markdown(f"# Findings: {study_name}", link="REPORT.md")
+    write_text_atomic(output_dir / "findings.md", text)
+    write_json_atomic(output_dir / "findings.json", found.as_json())
+
+
+COMPARED_FILES = ("findings.md", "findings.json", REPORT_INPUTS)
+"""Besides ``tables/*.csv``, the files :func:`check_report` compares."""
+
+
+def _compare_tables(committed: Path, rebuilt: Path, name: str) -> str | None:
+    """None when the CSV tables hold the same columns and values (numbers to 1e-9)."""
+    ours, theirs = pd.read_csv(committed), pd.read_csv(rebuilt)
+    try:
+        pd.testing.assert_frame_equal(ours, theirs, check_dtype=False, rtol=1e-9, atol=1e-12)
+    except AssertionError as error:
+        first_line = str(error).strip().splitlines()[0]
+        return f"tables/{name}: differs from a rebuild ({first_line})"
+    return None
+
+
+def check_report(study_dir: str | Path, study_file: str | Path | None = None) -> list[str]:
+    """Rebuild the report of ``study_dir`` into a temporary folder, from its run folders and
+    the study file it was built with (``report.json``, unless ``study_file`` is given), and
+    compare every ``tables/*.csv``, ``findings.md``, ``findings.json`` and ``report.json``
+    with the committed ones. Returns the differences, one line each (empty: the same)."""
+    study_dir = Path(study_dir)
+    if not (study_dir / REPORT_INPUTS).is_file():
+        return [f"{study_dir}: no {REPORT_INPUTS}; build the report with `egeunet report`"]
+    inputs = json.loads((study_dir / REPORT_INPUTS).read_text("utf-8"))
+    if study_file is None and inputs.get("study_file"):
+        study_file = study_dir / inputs["study_file"]
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="egeunet-report-check-") as scratch:
+        rebuilt = Path(scratch)
+        build_report(
+            study_dir,
+            full_model=inputs.get("full_model", FULL_MODEL),
+            study_file=study_file,
+            output_dir=rebuilt,
+            draw=False,
+        )
+        committed_tables = {p.name for p in (study_dir / "tables").glob("*.csv")}
+        rebuilt_tables = {p.name for p in (rebuilt / "tables").glob("*.csv")}
+        problems += [
+            f"tables/{n}: committed but not built"
+            for n in sorted(committed_tables - rebuilt_tables)
+        ]
+        problems += [
+            f"tables/{n}: built but not committed"
+            for n in sorted(rebuilt_tables - committed_tables)
+        ]
+        for name in sorted(committed_tables & rebuilt_tables):
+            problem = _compare_tables(study_dir / "tables" / name, rebuilt / "tables" / name, name)
+            if problem:
+                problems.append(problem)
+        for name in COMPARED_FILES:
+            committed = study_dir / name
+            if not committed.is_file():
+                problems.append(f"{name}: missing")
+            elif committed.read_text("utf-8") != (rebuilt / name).read_text("utf-8"):
+                problems.append(f"{name}: differs from a rebuild")
+    return problems

@@ -531,13 +531,26 @@ def _stages(document: dict, path: Path) -> list[dict]:
     return stages
 
 
-def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
-    """03_train once per seed x dataset x protocol x variant of each stage, stage by stage
-    (a run that two stages name runs once, where it first appears)."""
-    path = layout.source
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run a study file declares: its stage, id, identity and the training
+    parameters it shares with the others plus its variant's overrides."""
+
+    stage: str
+    run_id: str
+    dataset: str
+    protocol: str
+    variant: str
+    seed: int
+    parameters: dict = field(default_factory=dict)
+
+
+def _planned_runs(document: dict, path: Path) -> list[PlannedRun]:
+    """Every training run, stage by stage (a run that two stages name belongs to the first
+    that names it), each stage with its first seed first."""
     variants = document["variants"]
     shared = _section(document, "train", path) or {}
-    specs = []
+    planned = []
     seen = set()
     for stage in _stages(document, path):
         # Seed outermost: every dataset and variant of a stage gets its first seed first.
@@ -554,17 +567,36 @@ def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
             if run_id in seen:
                 continue
             seen.add(run_id)
-            parameters = {
-                **shared,
-                **(overrides or {}),
-                "dataset": dataset,
-                "data_root": layout.dataset_root(dataset),
-                "protocol": protocol,
-                "seed": seed,
-                "run_dir": str(layout.runs_dir / run_id),
-            }
-            specs.append(layout.spec(run_id, "train", parameters))
-    return specs
+            parameters = {**shared, **(overrides or {})}
+            planned.append(
+                PlannedRun(stage["name"], run_id, dataset, protocol, variant, seed, parameters)
+            )
+    return planned
+
+
+def planned_runs(path: str | Path) -> list[PlannedRun]:
+    """The training runs of the study file at ``path``, in the order the runner starts them."""
+    path = Path(path)
+    return _planned_runs(read_study_document(path), path)
+
+
+def _training_specs(document: dict, layout: _Layout) -> list[RunSpec]:
+    """03_train once per seed x dataset x protocol x variant of each stage, stage by stage."""
+    return [
+        layout.spec(
+            run.run_id,
+            "train",
+            {
+                **run.parameters,
+                "dataset": run.dataset,
+                "data_root": layout.dataset_root(run.dataset),
+                "protocol": run.protocol,
+                "seed": run.seed,
+                "run_dir": str(layout.runs_dir / run.run_id),
+            },
+        )
+        for run in _planned_runs(document, layout.source)
+    ]
 
 
 def _overview_specs(document: dict, layout: _Layout) -> list[RunSpec]:
@@ -633,7 +665,12 @@ def _report_spec(document: dict, layout: _Layout, study_dir: Path, name: str) ->
     section = _section(document, "report", layout.source)
     if section is None:
         return None
-    parameters = {**section, "study_dir": str(study_dir), "study_name": name}
+    parameters = {
+        **section,
+        "study_dir": str(study_dir),
+        "study_name": name,
+        "study_file": str(layout.source.resolve()),
+    }
     return layout.spec("04_report", "report", parameters)
 
 
@@ -866,8 +903,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     study.set_defaults(func=study_command)
 
-    report = subparsers.add_parser("report", help="rebuild a study's report from its run folders")
+    report = subparsers.add_parser(
+        "report",
+        help="rebuild a study's report from its run folders",
+        description="Rebuild REPORT.md, REPORT.html, findings.md, tables/ and figures/ of a "
+        "study folder from its run folders. With --check, build nothing there: rebuild into a "
+        "temporary folder and compare its tables and findings with the folder's (exit code 1 "
+        "when they differ).",
+    )
     report.add_argument("study_dir", help="reports/<study> folder")
+    report.add_argument(
+        "--study",
+        default=None,
+        help="the study file (e.g. studies/isic.yaml): the run status lists every run it "
+        "declares, stage by stage, also those not started",
+    )
+    report.add_argument(
+        "--check",
+        action="store_true",
+        help="check that the folder's report is what its run folders build (with the study "
+        "file it was built with, unless --study is given)",
+    )
     report.set_defaults(func=report_command)
 
 
@@ -894,10 +950,18 @@ def study_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from egeunet.report import build_report
+    from egeunet.report import build_report, check_report
 
-    report = build_report(args.study_dir)
+    if args.check:
+        problems = check_report(args.study_dir, args.study)
+        for problem in problems:
+            print(f"egeunet report --check: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{args.study_dir}: the report is what its run folders build")
+        return 1 if problems else 0
+    report = build_report(args.study_dir, study_file=args.study)
     print(
-        f"{report.markdown_path} ({report.runs} runs, {report.failures} failed), {report.html_path}"
+        f"{report.markdown_path} ({report.runs} runs, {report.failures} failed), "
+        f"{report.findings_path}, {report.html_path}"
     )
     return 0

@@ -33,7 +33,7 @@ from IPython.display import display
 from egeunet import complexity, figures
 from egeunet.fileio import write_text_atomic
 from egeunet.model import EGEUNetConfig
-from egeunet.report import load_reference_results, reported_complexity
+from egeunet.references import load_reference_results, reported_complexity
 
 if num_threads:
     torch.set_num_threads(num_threads)

@@ -31,34 +31,56 @@ EPOCHS = 3
 MANIFEST_HASH = "f" * 64
 
 
-def write_run(runs_dir: Path, variant: str, seed: int, dataset: str = "isic2017") -> Path:
-    run_dir = runs_dir / f"{dataset}-paper-{variant}-seed{seed}"
+def write_run(
+    runs_dir: Path,
+    variant: str,
+    seed: int,
+    dataset: str = "isic2017",
+    protocol: str = "paper",
+    dsc: float | None = None,
+    epochs: int = EPOCHS,
+    model: str | None = None,
+) -> Path:
+    """A finished run folder ``<dataset>-<protocol>-<variant>-seed<seed>`` of the ladder
+    model ``model`` (default: ``variant``) with pooled DSC ``dsc`` (default: the ladder's
+    known value for this variant and seed) after ``epochs`` epochs."""
+    run_dir = runs_dir / f"{dataset}-{protocol}-{variant}-seed{seed}"
     run_dir.mkdir(parents=True)
-    model = LADDER[variant].to_dict()
+    model_config = LADDER[model or variant].to_dict()
+    clean = protocol == "clean"
     config = {
         "dataset": dataset,
-        "protocol": "paper",
+        "protocol": protocol,
         "seed": seed,
-        "epochs": EPOCHS,
+        "epochs": epochs,
+        "t_max": EPOCHS,
+        "eta_min": 1e-5,
+        "lr": 1e-3,
         "image_size": 64,
-        "model": model,
+        "model": model_config,
     }
     (run_dir / "config.json").write_text(
         json.dumps(
             {
                 "config": config,
+                "counts": {"train": 1350 if clean else 1500, "val": 150 if clean else 650},
+                "validation_source": "10% hold-out of paper train" if clean else "paper test",
                 "package_version": "0.1.0",
                 "git_commit": "abc",
                 "data_manifest_hash": MANIFEST_HASH,
+                "device": "cpu",
+                "num_threads": 1,
+                "torch_version": "2.x",
             }
         )
     )
-    dsc = FULL_DSC[seed] + OFFSETS[variant][seed]
+    if dsc is None:
+        dsc = FULL_DSC[seed] + OFFSETS[model or variant][seed]
     iou = dsc / (2 - dsc)
     metrics = {
-        "protocol": "paper",
-        "selection": "test-set model selection",
-        "best_epoch": EPOCHS,
+        "protocol": protocol,
+        "selection": "validation-set model selection" if clean else "test-set model selection",
+        "best_epoch": epochs,
         "pooled": {
             "iou": iou,
             "dsc": dsc,
@@ -77,22 +99,12 @@ def write_run(runs_dir: Path, variant: str, seed: int, dataset: str = "isic2017"
         },
         "split": "test",
         "num_images": 4,
-        "train_seconds": 12.5,
-        "model": model,
-        "num_parameters": PARAMS[variant],
+        "train_seconds": 4.0 * epochs,
+        "model": model_config,
+        "num_parameters": PARAMS[model or variant],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    pd.DataFrame(
-        {
-            "epoch": range(1, EPOCHS + 1),
-            "train_loss": [1.0, 0.7, 0.5],
-            "val_loss": [1.1, 0.8, 0.6],
-            "lr": [1e-3] * EPOCHS,
-            "val_dsc": [0.5, 0.7, dsc],
-            "seconds": [4.0] * EPOCHS,
-            "images_per_second": [10.0] * EPOCHS,
-        }
-    ).to_csv(run_dir / "history.csv", index=False)
+    write_history(run_dir, [0.5 + (dsc - 0.5) * e / epochs for e in range(1, epochs + 1)])
     pd.DataFrame(
         {
             "id": [f"img{i}" for i in range(4)],
@@ -101,7 +113,7 @@ def write_run(runs_dir: Path, variant: str, seed: int, dataset: str = "isic2017"
             "hd95": [3.0, 4.0, 5.0, 9.0],
         }
     ).to_csv(run_dir / "per_image.csv", index=False)
-    if variant == "egeunet" and seed == 1:
+    if variant == "egeunet" and seed == 1 and protocol == "paper":
         rng = np.random.default_rng(0)
         masks = np.zeros((3, 32, 32), np.uint8)
         masks[:, 8:24, 8:24] = 1
@@ -114,6 +126,23 @@ def write_run(runs_dir: Path, variant: str, seed: int, dataset: str = "isic2017"
             [0.95, 0.88, 0.58],
         )
     return run_dir
+
+
+def write_history(run_dir: Path, val_dsc: list[float], seconds: float = 4.0) -> None:
+    """history.csv with one row per value of ``val_dsc`` (pooled validation DSC per epoch),
+    each epoch taking ``seconds`` at 10 training images per second."""
+    epochs = len(val_dsc)
+    pd.DataFrame(
+        {
+            "epoch": range(1, epochs + 1),
+            "train_loss": np.linspace(1.0, 0.5, epochs),
+            "val_loss": np.linspace(1.1, 0.6, epochs),
+            "lr": [1e-3] * epochs,
+            "val_dsc": val_dsc,
+            "seconds": [seconds] * epochs,
+            "images_per_second": [10.0] * epochs,
+        }
+    ).to_csv(run_dir / "history.csv", index=False)
 
 
 def write_study(study_dir: Path) -> Path:
@@ -156,3 +185,34 @@ def write_study(study_dir: Path) -> Path:
         }
     ).to_csv(runs_dir / "02_complexity" / "complexity.csv", index=False)
     return study_dir
+
+
+def write_study_file(path: Path) -> Path:
+    """A study file for :func:`write_study`'s folder: its twelve paper runs in two stages,
+    then three clean runs and one longer run that the folder does not have."""
+    ladder = {
+        "unet": {"ghpa": False, "gab": False, "deep_supervision": False},
+        "unet+ghpa": {"gab": False, "deep_supervision": False},
+        "unet+ghpa+gab": {"deep_supervision": False},
+    }
+    document = {
+        "name": "fixture",
+        "datasets": ["isic2017"],
+        "protocols": ["paper", "clean"],
+        "seeds": list(SEEDS),
+        "variants": {"egeunet": {}, **ladder, "egeunet-long": {"epochs": 2 * EPOCHS}},
+        "stages": [
+            {"name": "1 headline", "protocols": ["paper"], "variants": ["egeunet"]},
+            {"name": "2 ladder", "protocols": ["paper"], "variants": list(ladder)},
+            {"name": "3 clean", "protocols": ["clean"], "variants": ["egeunet"]},
+            {
+                "name": "4 budget",
+                "protocols": ["paper"],
+                "variants": ["egeunet-long"],
+                "seeds": [1],
+            },
+        ],
+        "train": {"epochs": EPOCHS},
+    }
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path

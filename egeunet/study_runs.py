@@ -1,0 +1,301 @@
+"""Reading a study's run folders: finished runs as table rows, their histories and
+per-image scores, the progress of every run (done, unfinished, failed, not started) and
+what each cost.
+
+Everything here reads files only: each run's ``config.json``, ``metrics.json``,
+``history.csv``, ``per_image.csv``, ``checkpoints/last.pt`` (whether it exists) and the
+study runner's ``outcome.json``, plus the study file when one is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from egeunet.model import EGEUNetConfig
+from egeunet.study import OUTCOME_FILE, planned_runs
+
+IDENTITY = ("run_id", "dataset", "protocol", "variant", "seed")
+"""Columns that name a run, copied onto every row of its stacked CSV files."""
+
+HARDWARE_KEYS = ("host", "hostname", "platform", "machine", "processor", "cpu", "cpu_count")
+"""Optional config.json keys describing the machine, shown when a run recorded them."""
+
+DONE, UNFINISHED, FAILED, NOT_STARTED = "done", "unfinished", "failed", "not started"
+NOT_IN_STUDY = "not in the study file"
+"""The stage of run folders that the study file given does not declare."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def _training_config(config_doc: dict) -> dict:
+    """The TrainConfig fields of a run's config.json, whether stored flat or nested."""
+    for key in ("config", "train_config"):
+        if isinstance(config_doc.get(key), dict):
+            return config_doc[key]
+    return config_doc
+
+
+def _hashes(document: dict) -> dict[str, str]:
+    found = {}
+    for key, value in document.items():
+        if isinstance(value, str) and "hash" in key:
+            found[key] = value
+        elif isinstance(value, dict) and key in ("data", "dataset", "manifest"):
+            found.update({f"{key}.{k}": v for k, v in _hashes(value).items()})
+    return found
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """One finished run folder as a flat row: identity (run_id, dataset, protocol, variant,
+    model, seed), the training budget (epochs, t_max, eta_min, lr), every pooled metric as
+    ``pooled_<name>`` and every per-image summary as ``image_<name>``, and the data hashes
+    recorded in config.json. ``variant`` is the model's name until
+    :func:`collect_runs` gives same-model study variants their study names."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "metrics.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {name}; is this a finished run folder?")
+    config_doc = _read_json(run_dir / "config.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    config = _training_config(config_doc)
+    model_name = EGEUNetConfig(**(config.get("model") or metrics.get("model") or {})).name
+    row = {
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "data_folder": config_doc.get("data_folder"),
+        "dataset": config.get("dataset", "unknown"),
+        "protocol": metrics.get("protocol", config.get("protocol", "unknown")),
+        "variant": model_name,
+        "model": model_name,
+        "seed": config.get("seed"),
+        "epochs": config.get("epochs"),
+        "t_max": config.get("t_max"),
+        "eta_min": config.get("eta_min"),
+        "lr": config.get("lr"),
+        "image_size": config.get("image_size"),
+        "selection": metrics.get("selection", ""),
+        "validation_source": config_doc.get("validation_source", ""),
+        "train_images": (config_doc.get("counts") or {}).get("train"),
+        "best_epoch": metrics.get("best_epoch"),
+        "num_images": metrics.get("num_images"),
+        "num_parameters": metrics.get("num_parameters"),
+        "train_seconds": metrics.get("train_seconds"),
+    }
+    row.update({f"pooled_{k}": v for k, v in metrics.get("pooled", {}).items()})
+    row.update({f"image_{k}": v for k, v in metrics.get("per_image", {}).items()})
+    row.update(_hashes(config_doc))
+    return row
+
+
+LOCAL_COLUMNS = ("run_dir", "data_folder")
+"""Columns of :func:`collect_runs` that name places on this machine (not for tables)."""
+
+
+def run_folders(runs_dir: str | Path) -> list[Path]:
+    """Sub-folders of ``runs_dir`` that look like training run folders (hold config.json,
+    history.csv or an outcome), sorted by name; the overview folders ``01_data-*`` and
+    ``02_complexity`` are not runs."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return sorted(
+        p
+        for p in runs_dir.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(("01_data-", "02_complexity", "05_inference"))
+        and any((p / name).is_file() for name in ("config.json", "history.csv", OUTCOME_FILE))
+    )
+
+
+def _failed_outcome(run_dir: Path) -> dict | None:
+    """The study runner's outcome of ``run_dir`` if its last attempt failed, else None."""
+    path = run_dir / OUTCOME_FILE
+    if not path.is_file():
+        return None
+    outcome = _read_json(path)
+    return outcome if outcome.get("status") == "failed" else None
+
+
+def _is_done(run_dir: Path) -> bool:
+    """A finished run: metrics.json written and no failed last attempt."""
+    return (run_dir / "metrics.json").is_file() and _failed_outcome(run_dir) is None
+
+
+def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per finished run under ``runs_dir``: a run folder with metrics.json whose
+    last study outcome, if it has one, is not a failure. (A re-run that failed can leave
+    the metrics of an earlier attempt behind; such a run is listed with the failures.)"""
+    rows = [read_run(p) for p in run_folders(runs_dir) if _is_done(p)]
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = _separate_same_model_variants(table)
+        table = table.sort_values(["dataset", "protocol", "variant", "seed"]).reset_index(drop=True)
+    return table
+
+
+def _study_label(row: pd.Series) -> str | None:
+    """The variant name the study gave a run, read off its id
+    ``<dataset>-<protocol>-<variant>-seed<seed>`` (None for other folder names)."""
+    prefix, suffix = f"{row['dataset']}-{row['protocol']}-", f"-seed{row['seed']}"
+    run_id = str(row["run_id"])
+    if run_id.startswith(prefix) and run_id.endswith(suffix):
+        return run_id[len(prefix) : -len(suffix)] or None
+    return None
+
+
+def _separate_same_model_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """Variants are named after their model, so two study variants with one model and other
+    training settings (say ``egeunet`` and ``egeunet-300ep: {epochs: 300}``) would be
+    pooled as extra seeds of one variant. A run takes its study name instead where that
+    name extends its model's (``egeunet-300ep`` of model ``egeunet``), or where its model
+    name holds runs of several study variants."""
+    labels = table.apply(_study_label, axis=1)
+    groups = table.groupby(["dataset", "protocol", "variant"])["run_id"].transform(
+        lambda ids: labels[ids.index].nunique()
+    )
+    extends = pd.Series(
+        [
+            isinstance(label, str) and label.startswith(f"{model}-")
+            for label, model in zip(labels, table["model"], strict=True)
+        ],
+        index=table.index,
+    )
+    rename = ((groups > 1) | extends) & labels.notna() & (labels != table["variant"])
+    table = table.copy()
+    table.loc[rename, "variant"] = labels[rename]
+    return table
+
+
+def collect_failures(runs_dir: str | Path) -> pd.DataFrame:
+    """Runs (the overview notebooks' too) whose last outcome, written by the study
+    runner, was a failure."""
+    runs_dir = Path(runs_dir)
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    rows = []
+    for folder in folders:
+        outcome = _failed_outcome(folder)
+        if outcome is not None:
+            rows.append({"run_id": folder.name, "error": outcome.get("error") or ""})
+    return pd.DataFrame(rows, columns=["run_id", "error"])
+
+
+def _per_run_csv(runs: pd.DataFrame, filename: str) -> pd.DataFrame:
+    frames = []
+    for _, run in runs.iterrows():
+        path = Path(run["run_dir"]) / filename
+        if path.is_file():
+            frame = pd.read_csv(path)
+            for key in IDENTITY:
+                frame[key] = run[key]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def collect_histories(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's history.csv, stacked, with the run's identity columns."""
+    return _per_run_csv(runs, "history.csv")
+
+
+def collect_per_image(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's per_image.csv, stacked, with the run's identity columns."""
+    return _per_run_csv(runs, "per_image.csv")
+
+
+# ---------------------------------------------------------------- progress and cost
+
+
+def _history(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "history.csv"
+    try:
+        return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _hardware(config_doc: dict) -> str:
+    """Device, threads and whatever machine description config.json recorded."""
+    parts = []
+    if config_doc.get("device"):
+        parts.append(str(config_doc["device"]))
+    threads = config_doc.get("num_threads")
+    if threads:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    parts += [f"{key} {config_doc[key]}" for key in HARDWARE_KEYS if config_doc.get(key)]
+    return ", ".join(parts)
+
+
+def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict:
+    """Where one run stands, from its folder alone: status (done, unfinished, failed or
+    not started), epochs done and planned, whether it can resume (``last.pt``), the
+    training wall time so far (sum of history ``seconds``), the median training images
+    per second over its epochs, its hardware and the torch version and commit it ran."""
+    run_dir = Path(run_dir)
+    config_doc = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    history = _history(run_dir)
+    if _failed_outcome(run_dir) is not None:
+        status = FAILED
+    elif _is_done(run_dir):
+        status = DONE
+    elif len(history) or (run_dir / "checkpoints" / "last.pt").is_file():
+        status = UNFINISHED
+    else:
+        status = NOT_STARTED
+    epochs = _training_config(config_doc).get("epochs") if config_doc else None
+    speed = history["images_per_second"] if "images_per_second" in history else pd.Series()
+    seconds = history["seconds"].sum() if "seconds" in history else float("nan")
+    return {
+        "status": status,
+        "epochs_done": len(history),
+        "epochs_planned": epochs if epochs is not None else planned_epochs,
+        "resumable": status == UNFINISHED and (run_dir / "checkpoints" / "last.pt").is_file(),
+        "wall_hours": seconds / 3600 if len(history) else float("nan"),
+        "images_per_second": speed.median() if len(speed) else float("nan"),
+        "hardware": _hardware(config_doc),
+        "threads": config_doc.get("num_threads"),
+        "torch": config_doc.get("torch_version", ""),
+        "commit": config_doc.get("git_commit", ""),
+    }
+
+
+def study_status(runs_dir: str | Path, study_file: str | Path | None = None) -> pd.DataFrame:
+    """Every training run with its progress (:func:`run_progress`): with ``study_file``,
+    every run it declares, stage by stage (also those not started), then any other run
+    folder found under stage "not in the study file"; without it, the run folders found
+    (stage "")."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    listed = set()
+    if study_file is not None:
+        for run in planned_runs(study_file):
+            epochs = run.parameters.get("epochs")
+            progress = run_progress(
+                runs_dir / run.run_id, epochs if isinstance(epochs, int) else None
+            )
+            rows.append({"stage": run.stage, "run_id": run.run_id, **progress})
+            listed.add(run.run_id)
+    others = NOT_IN_STUDY if study_file is not None else ""
+    for folder in run_folders(runs_dir):
+        if folder.name not in listed:
+            rows.append({"stage": others, "run_id": folder.name, **run_progress(folder)})
+    columns = ["stage", "run_id", *run_progress(runs_dir / "-").keys()]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def stage_summary(status: pd.DataFrame) -> pd.DataFrame:
+    """Runs per stage (in study order) by status: done, unfinished, failed, not started."""
+    if status.empty:
+        return pd.DataFrame(columns=["stage", "runs", DONE, UNFINISHED, FAILED, NOT_STARTED])
+    counts = pd.crosstab(status["stage"], status["status"]).reindex(
+        columns=[DONE, UNFINISHED, FAILED, NOT_STARTED], fill_value=0
+    )
+    counts = counts.reindex(list(dict.fromkeys(status["stage"])))
+    counts.insert(0, "runs", counts.sum(axis=1))
+    return counts.reset_index()
