@@ -9,7 +9,8 @@ loses nothing and the next one continues where it stopped:
 * a run that has not finished: its ``checkpoints/last.pt`` and ``checkpoints/best.pt``
   too (~1.3 MB), so that ``egeunet study`` run on the evidence folder resumes it;
 * a finished run: no checkpoints (they are removed from the evidence folder);
-* ``runs/02_complexity/complexity.csv`` (the report's parameter and MAC counts).
+* ``runs/02_complexity/complexity.csv`` (the report's parameter and MAC counts) and each
+  ``runs/01_data-<dataset>/summary.json`` and ``split_counts.csv`` (image counts).
 
 Executed notebooks, prediction images and ``cases.npz`` (pixels of the dataset's
 images) stay behind. ``egeunet evidence SOURCE DEST`` does this; docs/notebooks.md tells
@@ -28,7 +29,12 @@ from egeunet.study import OUTCOME_FILE, is_finished
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "per_image.csv", OUTCOME_FILE)
 RESUME_FILES = ("checkpoints/last.pt", "checkpoints/best.pt")
-STUDY_FILES = ("02_complexity/complexity.csv", f"02_complexity/{OUTCOME_FILE}")
+STUDY_FILES = (  # glob patterns under runs/
+    "02_complexity/complexity.csv",
+    f"02_complexity/{OUTCOME_FILE}",
+    "01_data-*/summary.json",  # counts per split (the report's data table), no pixels
+    "01_data-*/split_counts.csv",
+)
 
 
 @dataclass
@@ -70,9 +76,10 @@ def copy_evidence(source: str | Path, dest: str | Path) -> EvidenceChanges:
     if source == dest:
         raise ValueError(f"evidence: source and destination are the same folder ({source})")
     changes = EvidenceChanges()
-    for relative in STUDY_FILES:
-        if (source / "runs" / relative).is_file():
-            _copy(source / "runs" / relative, dest / "runs" / relative, changes, relative)
+    for pattern in STUDY_FILES:
+        for path in sorted((source / "runs").glob(pattern)):
+            relative = str(path.relative_to(source / "runs"))
+            _copy(path, dest / "runs" / relative, changes, relative)
     for run in sorted(p for p in (source / "runs").iterdir() if _is_run_folder(p)):
         target = dest / "runs" / run.name
         for name in RUN_FILES:

@@ -43,10 +43,14 @@ def test_finished_runs_keep_evidence_only_and_unfinished_ones_their_resume_state
     unfinished = _run(source, "b-running", finished=False)
     (source / "runs" / "02_complexity").mkdir()
     (source / "runs" / "02_complexity" / "complexity.csv").write_text("variant\negeunet\n")
+    (source / "runs" / "01_data-isic2017" / "example_images").mkdir(parents=True)
+    (source / "runs" / "01_data-isic2017" / "summary.json").write_text("{}")
+    (source / "runs" / "01_data-isic2017" / "example_images" / "a.png").write_bytes(b"x")
 
     changes = copy_evidence(source, dest)
     assert _files(dest) == {
         "runs/02_complexity/complexity.csv",
+        "runs/01_data-isic2017/summary.json",
         "runs/a-finished/config.json",
         "runs/a-finished/history.csv",
         "runs/a-finished/metrics.json",
@@ -106,6 +110,8 @@ def test_cli_prints_what_it_kept(tmp_path, capsys):
         ("reports/isic/runs/isic2017-paper-egeunet-seed42/cases.npz", True),
         ("reports/isic/runs/isic2017-paper-egeunet-seed42/predictions/0.png", True),
         ("reports/isic/runs/01_data-isic2017/examples.png", True),
+        ("reports/isic/runs/01_data-isic2017/example_images/ISIC_0000000.png", True),
+        ("reports/isic/runs/01_data-isic2017/summary.json", False),
         ("reports/quick/REPORT.md", True),
         ("runs/my-run/checkpoints/last.pt", True),
     ],
