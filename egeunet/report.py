@@ -254,7 +254,9 @@ def _setup_section(writer: _Writer, tables: StudyTables, runs_dir: Path) -> None
         writer.text(markdown_table(splits.fillna(MISSING)))
     data = data_overview_table(runs_dir)
     if not data.empty:
-        writer.text("\nImages per split (from `01_data`):\n", markdown_table(data.fillna(MISSING)))
+        # Counts are nullable integers (a split one dataset lacks): fill as text.
+        table = data.astype(object).fillna(MISSING)
+        writer.text("\nImages per split (from `01_data`):\n", markdown_table(table))
 
 
 def _main_section(writer: _Writer, tables: StudyTables, full_model: str) -> None:

@@ -176,6 +176,18 @@ def write_study(study_dir: Path) -> Path:
             }
         )
     )
+    # A second dataset without a challenge val split: its count is missing in the table.
+    (runs_dir / "01_data-isic2018").mkdir()
+    (runs_dir / "01_data-isic2018" / "summary.json").write_text(
+        json.dumps(
+            {
+                "dataset": "isic2018",
+                "num_images": 2594,
+                "size": 256,
+                "splits": {"challenge/train": 2594, "paper/train": 1816, "paper/test": 778},
+            }
+        )
+    )
     (runs_dir / "02_complexity").mkdir()
     pd.DataFrame(
         {
