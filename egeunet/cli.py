@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "egeunet.complexity",
     "egeunet.data.commands",
     "egeunet.engine_commands",
+    "egeunet.export",
     "egeunet.evidence",
     "egeunet.study",
 ]

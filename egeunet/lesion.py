@@ -21,14 +21,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from egeunet import figures
-from egeunet.checkpoint import load_model
 from egeunet.data import normalize
 from egeunet.predict import (
     find_inputs,
-    model_input_settings,
+    load_backend,
     probabilities_at_original_size,
     read_image,
-    resolve_device,
 )
 
 
@@ -93,20 +91,21 @@ def overlay_figure(table: pd.DataFrame, output_dir: str | os.PathLike, columns: 
 
 
 class Segmenter:
-    """A checkpoint's model, ready to give lesion probabilities for RGB arrays."""
+    """A model (checkpoint, shipped weights or ONNX file), ready to give lesion
+    probabilities for RGB arrays exactly as ``predict`` computes them."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
-        loaded = load_model(checkpoint)
-        self.size, self.normalization = model_input_settings(loaded, checkpoint)
-        self.device = resolve_device(device)
-        self.model = loaded.model.to(self.device)
+    def __init__(
+        self, weights: str | os.PathLike, device: str = "auto", backend: str = "torch"
+    ) -> None:
+        self.model = load_backend(weights, backend, device)
+        self.size = self.model.size
 
     def probabilities(self, model_input: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Lesion probability (H, W) = ``size``, float32, from the (S, S, 3) uint8 model
         input that :func:`~egeunet.predict.read_image` gives, exactly as ``predict`` does."""
         tensor = torch.from_numpy(model_input.copy()).permute(2, 0, 1)  # (3, S, S)
-        batch = normalize(tensor, self.normalization)[None].to(self.device)
-        return probabilities_at_original_size(self.model, batch, [size])[0].numpy()
+        batch = normalize(tensor, self.model.normalization)[None]
+        return probabilities_at_original_size(self.model.probabilities(batch), [size])[0].numpy()
 
 
 class LesionExplorer:
