@@ -9,6 +9,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "egeunet.app",
     "egeunet.complexity",
     "egeunet.data.commands",
     "egeunet.engine_commands",
