@@ -362,6 +362,22 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def voila_options(host: str, port: int) -> tuple[list[str], str]:
+    """Voilà's command-line options for the app, and the query the address needs (a
+    random token on a host other than loopback, else nothing)."""
+    options = [
+        f"--port={port}",
+        f"--Voila.ip={host}",
+        "--Voila.port_retries=0",  # the port asked for, or an error; never another one
+        "--no-browser",
+        "--strip_sources=True",
+    ]
+    if is_loopback(host):
+        return options, ""
+    token = secrets.token_urlsafe(24)
+    return [*options, f"--token={token}"], f"?token={token}"
+
+
 def serve(
     weights: str | os.PathLike = DEFAULT_WEIGHTS,
     port: int = DEFAULT_PORT,
@@ -386,18 +402,7 @@ def serve(
         from voila.app import Voila
     except ImportError:
         raise ValueError("egeunet app needs Voilà: pip install voila") from None
-    argv = [
-        f"--port={port}",
-        f"--Voila.ip={host}",
-        "--Voila.port_retries=0",
-        "--no-browser",
-        "--strip_sources=True",
-    ]
-    query = ""
-    if not is_loopback(host):
-        token = secrets.token_urlsafe(24)
-        argv.append(f"--token={token}")
-        query = f"?token={token}"
+    options, query = voila_options(host, port)
     with tempfile.TemporaryDirectory(prefix="egeunet-app-") as folder:
         notebook = Path(folder) / "EGE-UNet lesion segmenter.ipynb"
         write_text_atomic(
@@ -409,7 +414,7 @@ def serve(
             f"open http://{shown_host}:{port}/{query} in a browser (Ctrl+C stops the app)",
         )
         Voila.launch_instance(
-            argv=[str(notebook), *argv],
+            argv=[str(notebook), *options],
             tornado_settings={
                 "websocket_max_message_size": WEBSOCKET_MAX_MESSAGE_BYTES,
                 "headers": {"Content-Security-Policy": CONTENT_SECURITY_POLICY},

@@ -26,6 +26,7 @@ from egeunet.app import (
     inspect_upload,
     is_loopback,
     lesion_app,
+    voila_options,
 )
 from egeunet.cli import main as cli_main
 from egeunet.lesion import LesionExplorer, Segmenter
@@ -227,6 +228,12 @@ def test_app_command_fails_clearly(checkpoint, capsys):
     assert f"--port {port} on 127.0.0.1: cannot listen there" in capsys.readouterr().err
 
 
-def test_loopback_hosts():
+def test_other_hosts_than_loopback_need_a_token():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    options, query = voila_options("127.0.0.1", 8866)
+    assert query == "" and not [o for o in options if o.startswith("--token")]
+    assert "--Voila.ip=127.0.0.1" in options and "--strip_sources=True" in options
+    options, query = voila_options("0.0.0.0", 8866)
+    token = query.removeprefix("?token=")
+    assert len(token) >= 32 and f"--token={token}" in options
