@@ -10,6 +10,10 @@ Three layouts load into an :class:`~egeunet.model.EGEUNet`:
 * a raw ``state_dict`` with this package's key names.
 
 Everything is read with ``torch.load(..., weights_only=True)``: no code from a file runs.
+
+Commands that take ``--weights`` accept a checkpoint file or the name of weights shipped
+with the package (:data:`SHIPPED_WEIGHTS`, files in ``egeunet/weights/``), resolved by
+:func:`resolve_weights`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,36 @@ from egeunet.model import (
 )
 
 CHECKPOINT_FORMAT = "egeunet-checkpoint-v1"
+WEIGHTS_FOLDER = Path(__file__).resolve().parent / "weights"
+SHIPPED_WEIGHTS = {
+    "isic2017": "isic2017.pt",
+    "isic2018": "isic2018.pt",
+}
+"""Names of the weights the package ships (trained by the real study), and their files in
+:data:`WEIGHTS_FOLDER`."""
+
+
+def resolve_weights(weights: str | os.PathLike) -> Path:
+    """The checkpoint file ``weights`` names: an existing file as given, else the file of a
+    shipped name (:data:`SHIPPED_WEIGHTS`). FileNotFoundError for anything else, and for a
+    shipped name whose file is not installed."""
+    path = Path(weights)
+    if path.is_file():
+        return path
+    name = str(weights)
+    if name in SHIPPED_WEIGHTS:
+        shipped = WEIGHTS_FOLDER / SHIPPED_WEIGHTS[name]
+        if shipped.is_file():
+            return shipped
+        raise FileNotFoundError(
+            f"weights {name!r}: no shipped weights are installed yet ({shipped} is missing; "
+            "they come with the real study's results); pass a checkpoint file instead, "
+            "e.g. --weights runs/<run>/checkpoints/best.pt"
+        )
+    names = ", ".join(SHIPPED_WEIGHTS)
+    raise FileNotFoundError(
+        f"weights {name}: no such checkpoint file, and not the name of shipped weights ({names})"
+    )
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

@@ -9,9 +9,11 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "egeunet.app",
     "egeunet.complexity",
     "egeunet.data.commands",
     "egeunet.engine_commands",
+    "egeunet.export",
     "egeunet.evidence",
     "egeunet.study",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from egeunet.checkpoint import SHIPPED_WEIGHTS
 from egeunet.engine import (
     PIPELINES,
     TrainConfig,
@@ -28,7 +29,7 @@ from egeunet.engine import (
     train,
 )
 from egeunet.model import EGEUNetConfig
-from egeunet.predict import predict
+from egeunet.predict import BACKENDS, predict
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -227,9 +228,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(model file or weights name, backend) from predict's --checkpoint, --onnx and
+    --backend; ValueError naming the options for a combination that does not fit."""
+    backend = args.backend or ("onnxruntime" if args.onnx else "torch")
+    if args.checkpoint and args.onnx:
+        raise ValueError("give --checkpoint (PyTorch) or --onnx (ONNX Runtime), not both")
+    if backend == "onnxruntime":
+        if not args.onnx:
+            raise ValueError("--backend onnxruntime needs --onnx FILE (from `egeunet export`)")
+        return args.onnx, backend
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint FILE_OR_NAME (or --onnx FILE for ONNX Runtime)")
+    return args.checkpoint, backend
+
+
 def run_predict(args: argparse.Namespace) -> int:
+    model, backend = predict_model(args)
     summary = predict(
-        args.checkpoint,
+        model,
         args.input,
         args.output,
         threshold=args.threshold,
@@ -238,6 +255,7 @@ def run_predict(args: argparse.Namespace) -> int:
         recursive=args.recursive,
         overlays=not args.no_overlays,
         overwrite=args.overwrite,
+        backend=backend,
     )
     print(summary.message())
     return 0 if summary.written or not summary.failed else 1
@@ -315,7 +333,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "replaced. Exit code 1 only when nothing could be predicted.",
     )
     predict_parser.add_argument(
-        "--checkpoint", required=True, help="a .pt file (ours or the authors')"
+        "--checkpoint",
+        help="a .pt file (ours or the authors'), or shipped weights: " + ", ".join(SHIPPED_WEIGHTS),
+    )
+    predict_parser.add_argument(
+        "--onnx", help="an .onnx file from `egeunet export` (runs in ONNX Runtime)"
+    )
+    predict_parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="torch for --checkpoint, onnxruntime for --onnx (default: whichever is given)",
     )
     predict_parser.add_argument(
         "--input", required=True, nargs="+", help="image files and/or folders"

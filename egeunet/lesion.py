@@ -2,9 +2,8 @@
 
 Files go through :func:`egeunet.predict.predict` (masks and overlays at each image's own
 size); :func:`area_table` then measures every written mask. :class:`LesionExplorer` keeps
-one image's probability map in memory so a threshold can be changed without running the
-model again; :func:`interactive_view` wraps it in ipywidgets (a file upload and a
-threshold slider) for JupyterLab.
+uploaded images' probability maps in memory so a threshold can be changed without running
+the model again; :mod:`egeunet.app` wraps it in widgets (JupyterLab, and the web app).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from egeunet import figures
-from egeunet.checkpoint import load_model
 from egeunet.data import normalize
 from egeunet.predict import (
     find_inputs,
-    model_input_settings,
+    load_backend,
     probabilities_at_original_size,
     read_image,
-    resolve_device,
 )
+
+AREA_COLUMNS = ["lesion_pixels", "total_pixels", "lesion_fraction", "lesion_area_mm2"]
 
 
 def lesion_area(mask: np.ndarray, pixel_size_mm: float = 0.0) -> dict:
@@ -68,16 +68,7 @@ def area_table(
                 "mask": str(mask_path),
             }
         )
-    columns = [
-        "image",
-        "width",
-        "height",
-        "lesion_pixels",
-        "total_pixels",
-        "lesion_fraction",
-        "lesion_area_mm2",
-        "mask",
-    ]
+    columns = ["image", "width", "height", *AREA_COLUMNS, "mask"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -93,91 +84,100 @@ def overlay_figure(table: pd.DataFrame, output_dir: str | os.PathLike, columns: 
 
 
 class Segmenter:
-    """A checkpoint's model, ready to give lesion probabilities for RGB arrays."""
+    """A model (checkpoint, shipped weights or ONNX file), ready to give lesion
+    probabilities for RGB arrays exactly as ``predict`` computes them."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
-        loaded = load_model(checkpoint)
-        self.size, self.normalization = model_input_settings(loaded, checkpoint)
-        self.device = resolve_device(device)
-        self.model = loaded.model.to(self.device)
+    def __init__(
+        self, weights: str | os.PathLike, device: str = "auto", backend: str = "torch"
+    ) -> None:
+        self.model = load_backend(weights, backend, device)
+        self.size = self.model.size
 
     def probabilities(self, model_input: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Lesion probability (H, W) = ``size``, float32, from the (S, S, 3) uint8 model
         input that :func:`~egeunet.predict.read_image` gives, exactly as ``predict`` does."""
         tensor = torch.from_numpy(model_input.copy()).permute(2, 0, 1)  # (3, S, S)
-        batch = normalize(tensor, self.normalization)[None].to(self.device)
-        return probabilities_at_original_size(self.model, batch, [size])[0].numpy()
+        batch = normalize(tensor, self.model.normalization)[None]
+        return probabilities_at_original_size(self.model.probabilities(batch), [size])[0].numpy()
+
+
+@dataclass
+class SegmentedImage:
+    """One image as shown to the model's user: its pixels and lesion probabilities."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8, upright
+    probability: np.ndarray  # (H, W) float32
 
 
 class LesionExplorer:
-    """One image, its probabilities and a threshold: the state behind the widgets."""
+    """Images, their probabilities and a threshold: the state behind the widgets.
+
+    Images are kept by name (a repeated name gets ``-1``, ``-2``, ...); the last one loaded
+    is the current one, which :meth:`mask` and :meth:`area` measure unless
+    given another name. The threshold applies without running the model again.
+    """
 
     def __init__(self, segmenter: Segmenter, threshold: float = 0.5, pixel_size_mm: float = 0.0):
         self.segmenter = segmenter
         self.threshold = threshold
         self.pixel_size_mm = pixel_size_mm
-        self.name = ""
-        self.image: np.ndarray | None = None
-        self.probability: np.ndarray | None = None
+        self.images: dict[str, SegmentedImage] = {}
+        self.current: str | None = None
 
-    def load(self, name: str, content: bytes) -> None:
-        """Read an uploaded file's bytes (ValueError naming the file if unreadable)."""
+    def load(self, name: str, content: bytes) -> str:
+        """Segment an uploaded file's bytes and make it the current image; returns the name
+        it is kept under. ValueError naming the file if it is unreadable."""
         image, model_input = read_image(content, self.segmenter.size, name)  # as predict reads it
-        self.name, self.image = name, image
-        self.probability = self.segmenter.probabilities(model_input, image.shape[:2])
+        probability = self.segmenter.probabilities(model_input, image.shape[:2])
+        unique, n = name, 0
+        while unique in self.images:
+            n += 1
+            stem, dot, suffix = name.rpartition(".")
+            unique = f"{stem}-{n}.{suffix}" if dot else f"{name}-{n}"
+        self.images[unique] = SegmentedImage(unique, image, probability)
+        self.current = unique
+        return unique
 
-    def mask(self) -> np.ndarray:
-        if self.probability is None:
+    def _get(self, name: str | None) -> SegmentedImage:
+        name = self.current if name is None else name
+        if name is None:
             raise ValueError("no image loaded yet")
-        return self.probability >= self.threshold
+        if name not in self.images:
+            raise KeyError(f"no image named {name!r} is loaded")
+        return self.images[name]
 
-    def area(self) -> dict:
-        return lesion_area(self.mask(), self.pixel_size_mm)
+    @property
+    def name(self) -> str:
+        return self.current or ""
 
-    def figure(self) -> Figure:
-        mask = self.mask()
-        share = 100 * self.area()["lesion_fraction"]
-        return figures.picture_grid(
-            [self.image, figures.overlay_mask(self.image, mask)],
-            [self.name, f"lesion {share:.1f}% at threshold {self.threshold:.2f}"],
-            columns=2,
-        )
+    @property
+    def image(self) -> np.ndarray | None:
+        return self.images[self.current].image if self.current else None
 
+    @property
+    def probability(self) -> np.ndarray | None:
+        return self.images[self.current].probability if self.current else None
 
-def interactive_view(explorer: LesionExplorer):
-    """ipywidgets for JupyterLab: upload an image, move the threshold, see the overlay and
-    the lesion area. Returns the widget box to display."""
-    import ipywidgets as widgets
-    from IPython.display import display
+    def mask(self, name: str | None = None) -> np.ndarray:
+        """The lesion mask (H, W) bool of image ``name`` (default: the current one), from
+        the same float32 comparison as predict's."""
+        return self._get(name).probability >= np.float32(self.threshold)
 
-    upload = widgets.FileUpload(accept="image/*", multiple=False, description="image")
-    slider = widgets.FloatSlider(
-        value=explorer.threshold, min=0.05, max=0.95, step=0.05, description="threshold"
-    )
-    output = widgets.Output()
+    def area(self, name: str | None = None) -> dict:
+        return lesion_area(self.mask(name), self.pixel_size_mm)
 
-    def render(*_: object) -> None:
-        explorer.threshold = slider.value
-        with output:
-            output.clear_output(wait=True)
-            if explorer.probability is None:
-                print("upload an image to segment it")
-                return
-            figures.show(explorer.figure())
-            display(pd.DataFrame([explorer.area()]))
-
-    def on_upload(change: dict) -> None:
-        for item in change["new"]:
-            try:
-                explorer.load(item["name"], bytes(item["content"]))
-            except ValueError as error:
-                with output:
-                    output.clear_output()
-                    print(error)
-                return
-        render()
-
-    upload.observe(on_upload, names="value")
-    slider.observe(render, names="value")
-    render()
-    return widgets.VBox([widgets.HBox([upload, slider]), output])
+    def area_rows(self) -> pd.DataFrame:
+        """One row per image: name, width, height, threshold and :func:`lesion_area`."""
+        rows = [
+            {
+                "image": name,
+                "width": item.image.shape[1],
+                "height": item.image.shape[0],
+                "threshold": self.threshold,
+                **self.area(name),
+            }
+            for name, item in self.images.items()
+        ]
+        columns = ["image", "width", "height", "threshold", *AREA_COLUMNS]
+        return pd.DataFrame(rows, columns=columns)

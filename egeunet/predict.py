@@ -4,7 +4,10 @@
 batches: each image is decoded and resized to the model's input size (PIL's antialiased
 bilinear filter) exactly as prepared datasets are, normalised as in training, and the
 lesion probability map is resized back to the image's own size (bilinear) before it is
-thresholded. For ``photo.jpg`` it writes ``photo_mask.png`` (0/255, the original width
+thresholded. The model runs in PyTorch on a checkpoint (``backend="torch"``) or in ONNX
+Runtime on a file ``egeunet export`` wrote (``backend="onnxruntime"``, :mod:`egeunet.export`):
+the same preprocessing, the same masks (probabilities agree within 1e-4). For
+``photo.jpg`` it writes ``photo_mask.png`` (0/255, the original width
 and height) and ``photo_overlay.png``; folders keep their relative layout under the
 output folder. Unreadable files are reported and skipped; ``summary.json`` maps each
 input to its outputs and lists what failed.
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from egeunet.checkpoint import LoadedModel, load_model
+from egeunet.checkpoint import LoadedModel, load_model, resolve_weights
 from egeunet.data import normalize
 from egeunet.data.dataset import NORMALIZATIONS
 from egeunet.data.prepare import DECODE_ERRORS, image_error, open_for_model_input, to_rgb
@@ -45,6 +48,7 @@ DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NORMALIZATION = "minmax"
 OUTPUT_SUFFIXES = {"mask": "_mask.png", "overlay": "_overlay.png"}
 SUMMARY_FILE = "summary.json"
+BACKENDS = ("torch", "onnxruntime")
 MANIFEST_FILE = ".egeunet-predict.json"
 
 
@@ -82,9 +86,21 @@ def comparison_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarra
     )
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    """The PNG file of ``pixels`` ((H, W) or (H, W, 3) uint8), as predict writes it."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_pixels(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as the pixels of its PNG: 0 outside the lesion, 255 inside."""
+    return np.asarray(mask, dtype=np.uint8) * 255
+
+
 def save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
     with atomic_open(path, "wb") as handle:
-        Image.fromarray(pixels).save(handle, format="PNG")
+        handle.write(encode_png(pixels))
 
 
 # --- Inputs ------------------------------------------------------------------------------
@@ -225,14 +241,45 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 @torch.inference_mode()
 def probabilities_at_original_size(
-    model: torch.nn.Module, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    probabilities: torch.Tensor, sizes: Sequence[tuple[int, int]]
 ) -> list[torch.Tensor]:
-    """Lesion probabilities ``(H_i, W_i)`` for a normalised batch ``(B, 3, S, S)``."""
-    probabilities = torch.sigmoid(model(batch)[0][:, :1].float())  # (B, 1, S, S)
+    """Lesion probabilities ``(S, S)`` of a batch ``(B, S, S)`` resized (bilinear) to each
+    image's own ``(H_i, W_i)``, on the CPU."""
     return [
-        F.interpolate(p[None], size=hw, mode="bilinear", align_corners=False)[0, 0].cpu()
+        F.interpolate(p[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0].cpu()
         for p, hw in zip(probabilities, sizes, strict=True)
     ]
+
+
+class TorchBackend:
+    """A checkpoint's model in PyTorch: lesion probabilities for normalised batches."""
+
+    name = "torch"
+
+    def __init__(self, weights: str | os.PathLike, device: str = "auto") -> None:
+        self.source = resolve_weights(weights)
+        loaded = load_model(self.source)
+        self.size, self.normalization = model_input_settings(loaded, self.source)
+        self.device = resolve_device(device)
+        self.model = loaded.model.to(self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(B, S, S)`` float32 lesion probabilities of a normalised ``(B, 3, S, S)`` batch."""
+        return torch.sigmoid(self.model(batch.to(self.device))[0][:, 0].float())
+
+
+def load_backend(weights: str | os.PathLike, backend: str = "torch", device: str = "auto"):
+    """The model to segment with: :class:`TorchBackend` for a checkpoint (file or shipped
+    name), or :class:`egeunet.export.OnnxBackend` for an ONNX file ``egeunet export``
+    wrote. Both have ``size``, ``normalization`` and ``probabilities(batch)``."""
+    if backend == "torch":
+        return TorchBackend(weights, device)
+    if backend == "onnxruntime":
+        from egeunet.export import OnnxBackend  # imports onnxruntime only when it is used
+
+        return OnnxBackend(weights, device)
+    raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 class OutputRecord:
@@ -338,11 +385,14 @@ def predict(
     overlays: bool = True,
     overwrite: bool = False,
     log=None,
+    backend: str = "torch",
 ) -> PredictSummary:
     """Segment ``inputs`` with the model in ``checkpoint``; see the module docstring.
 
-    ``overwrite`` lets this run replace outputs an earlier predict wrote into ``output``
-    (never other files). ``log`` receives one line per skipped file (default: stderr).
+    ``checkpoint``: a checkpoint file or the name of shipped weights (``backend="torch"``),
+    or an ONNX file from ``egeunet export`` (``backend="onnxruntime"``). ``overwrite`` lets
+    this run replace outputs an earlier predict wrote into ``output`` (never other files).
+    ``log`` receives one line per skipped file (default: stderr).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
@@ -358,16 +408,14 @@ def predict(
         names = ", ".join(str(item) for item in inputs)
         raise ValueError(f"input: no image files found in {names}{hint}")
     require_writable(output, "output folder")
-    loaded = load_model(checkpoint)
-    size, normalization = model_input_settings(loaded, checkpoint)
-    torch_device = resolve_device(device)
+    model = load_backend(checkpoint, backend, device)
+    size, normalization = model.size, model.normalization
     summary = PredictSummary(output=Path(output))
     record = OutputRecord(summary.output)
     planned = {str(path): output_names(stem, overlays) for path, stem in files}
     every_output = [name for names in planned.values() for name in names.values()]
     record.check_free([*every_output, SUMMARY_FILE], overwrite)
     record.claim([*every_output, SUMMARY_FILE])
-    model = loaded.model.to(torch_device)
     for batch in _batches(files, batch_size):
         readable = []
         for path, stem in batch:
@@ -380,14 +428,13 @@ def predict(
             continue
         tensor = torch.stack(
             [normalize(torch.from_numpy(r[3]).permute(2, 0, 1), normalization) for r in readable]
-        ).to(torch_device)
+        )
         sizes = [r[2].shape[:2] for r in readable]
-        for (path, _, original, _), probability in zip(
-            readable, probabilities_at_original_size(model, tensor, sizes), strict=True
-        ):
+        at_original_size = probabilities_at_original_size(model.probabilities(tensor), sizes)
+        for (path, _, original, _), probability in zip(readable, at_original_size, strict=True):
             mask = (probability >= threshold).numpy()
             names = planned[str(path)]
-            pictures = {"mask": mask.astype(np.uint8) * 255}
+            pictures = {"mask": mask_pixels(mask)}
             if overlays:
                 pictures["overlay"] = overlay(original, mask, PREDICTION_COLOUR)
             for kind, picture in pictures.items():

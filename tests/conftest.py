@@ -21,6 +21,29 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def lesion_images(tmp_path_factory) -> list[Path]:
+    """Four lesion images: real ISIC 2018 JPEGs from the shared data, read in place (the
+    smallest files of its first twelve), or, where that is absent, four synthetic
+    dermoscopy-like JPEGs of other sizes."""
+    real = SHARED_DATA / "isic2018_sample" / "ISIC2018_Task1-2_Training_Input"
+    found = sorted(real.glob("*.jpg")) if real.is_dir() else []
+    if found:
+        return sorted(found[:12], key=lambda p: p.stat().st_size)[:4]
+    import numpy as np
+    from PIL import Image
+
+    from egeunet.data.synthetic import generate_sample
+
+    folder = tmp_path_factory.mktemp("lesion_images")
+    paths = []
+    for index, (height, width) in enumerate([(300, 384), (384, 384), (250, 320), (320, 272)]):
+        image, _ = generate_sample(7, "test", index, 384)
+        paths.append(folder / f"generated_lesion_{index}.jpg")
+        Image.fromarray(np.asarray(image)[:height, :width]).save(paths[-1], quality=92)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on the shared CPU threads cost a lot."""

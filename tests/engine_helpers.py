@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from egeunet.checkpoint import model_payload, save_checkpoint
-from egeunet.engine import TrainConfig
+from egeunet.engine import TrainConfig, train
 from egeunet.model import EGEUNet, EGEUNetConfig
 
 TINY_MODEL = EGEUNetConfig(widths=(4, 4, 8, 8, 12, 12))
@@ -34,3 +34,22 @@ def save_tiny_checkpoint(path: Path) -> EGEUNet:
     config = {"image_size": 32, "normalization": "minmax"}
     save_checkpoint(path, model_payload(model.eval(), train_config=config, epoch=3))
     return model
+
+
+def train_small_checkpoint(folder: Path) -> Path:
+    """The published model trained for one epoch on 8 synthetic images at 64x64 (seconds
+    on one thread): a real training checkpoint whose masks are neither empty nor full on
+    lesion images. Needs ``EGEUNET_CACHE`` pointed at a temporary folder (the synthetic
+    set is generated there). Returns ``checkpoints/best.pt``."""
+
+    config = TrainConfig(
+        dataset="synthetic",
+        image_size=64,
+        epochs=1,
+        batch_size=4,
+        max_train_images=8,
+        max_eval_images=4,
+        device="cpu",
+    )
+    train(config, folder, progress=False, threads=1)
+    return folder / "checkpoints" / "best.pt"
