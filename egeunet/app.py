@@ -33,16 +33,21 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nbformat
 import numpy as np
 from PIL import Image
 
 from egeunet.checkpoint import SHIPPED_WEIGHTS, load_model, resolve_weights
 from egeunet.data.prepare import DECODE_ERRORS, WIDE_GREY_MODES, image_error
 from egeunet.fileio import write_text_atomic
-from egeunet.lesion import LesionExplorer, Segmenter
 from egeunet.predict import OUTPUT_SUFFIXES, PREDICTION_COLOUR, encode_png, mask_pixels, overlay
+
+if TYPE_CHECKING:  # the widgets' modules (pandas, matplotlib, nbformat) load when used: the
+    # command line starts without them
+    import nbformat
+
+    from egeunet.lesion import LesionExplorer
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_UPLOAD_PIXELS = 50_000_000
@@ -306,6 +311,8 @@ def lesion_app(
     device: str = "auto",
 ) -> LesionApp:
     """The app's widgets for the model in ``weights`` (checkpoint file or shipped name)."""
+    from egeunet.lesion import LesionExplorer, Segmenter
+
     return LesionApp(LesionExplorer(Segmenter(weights, device), threshold, pixel_size_mm))
 
 
@@ -394,6 +401,8 @@ def serve(
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     if pixel_size_mm < 0:
         raise ValueError(f"--pixel-size-mm must be 0 (unknown) or positive, got {pixel_size_mm}")
+    import nbformat
+
     checkpoint = resolve_weights(weights)
     load_model(checkpoint)  # a bad file fails here, in words, not later in the page
     check_kernel()
