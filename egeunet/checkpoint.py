@@ -18,6 +18,7 @@ with the package (:data:`SHIPPED_WEIGHTS`, files in ``egeunet/weights/``), resol
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from egeunet.fileio import atomic_open
+from egeunet.fileio import atomic_open, sha256_file
 from egeunet.model import (
     EGEUNet,
     EGEUNetConfig,
@@ -56,6 +57,7 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
     if name in SHIPPED_WEIGHTS:
         shipped = WEIGHTS_FOLDER / SHIPPED_WEIGHTS[name]
         if shipped.is_file():
+            verify_shipped(shipped)
             return shipped
         raise FileNotFoundError(
             f"weights {name!r}: no shipped weights are installed yet ({shipped} is missing; "
@@ -66,6 +68,29 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
     raise FileNotFoundError(
         f"weights {name}: no such checkpoint file, and not the name of shipped weights ({names})"
     )
+
+
+def provenance_path(weights_path: str | os.PathLike) -> Path:
+    """The provenance record (JSON) beside a shipped weights file."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def verify_shipped(weights_path: str | os.PathLike) -> None:
+    """ValueError unless the shipped file matches the SHA-256 its provenance records."""
+    weights_path = Path(weights_path)
+    record = provenance_path(weights_path)
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"shipped weights {weights_path}: provenance {record} is missing or damaged "
+            f"({type(error).__name__}); reinstall the package"
+        ) from None
+    if sha256_file(weights_path) != expected:
+        raise ValueError(
+            f"shipped weights {weights_path} do not match the checksum in {record.name}; "
+            "the file was changed or damaged: reinstall the package"
+        )
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "egeunet.engine_commands",
     "egeunet.export",
     "egeunet.evidence",
+    "egeunet.shipped",
     "egeunet.study",
 ]
 
