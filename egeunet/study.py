@@ -924,6 +924,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check that the folder's report is what its run folders build (with the study "
         "file it was built with, unless --study is given)",
     )
+    report.add_argument(
+        "--readme",
+        default=None,
+        help="also write the findings into this README's findings block for the study "
+        "(with --check: check that block instead)",
+    )
     report.set_defaults(func=report_command)
 
 
@@ -950,10 +956,13 @@ def study_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from egeunet.readme_findings import readme_problems, update_readme
     from egeunet.report import build_report, check_report
 
     if args.check:
         problems = check_report(args.study_dir, args.study)
+        if args.readme:
+            problems += readme_problems(args.study_dir, args.readme)
         for problem in problems:
             print(f"egeunet report --check: {problem}", file=sys.stderr)
         if not problems:
@@ -964,4 +973,7 @@ def report_command(args: argparse.Namespace) -> int:
         f"{report.markdown_path} ({report.runs} runs, {report.failures} failed), "
         f"{report.findings_path}, {report.html_path}"
     )
+    if args.readme:
+        changed = update_readme(args.study_dir, args.readme)
+        print(f"{args.readme}: findings {'updated' if changed else 'already up to date'}")
     return 0
