@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -551,7 +550,7 @@ img{{max-width:100%}}</style></head><body>
 def scrolling_tables(html: str) -> str:
     """``html`` with every table inside a box that scrolls sideways, so wide tables stay
     within the page."""
-    html = re.sub(r"<table>", '<div class="table-scroll"><table>', html)
+    html = html.replace("<table>", '<div class="table-scroll"><table>')
     return html.replace("</table>", "</table></div>")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from jupytext.cli import jupytext as jupytext_cli
 from kernel_helpers import ensure_kernel
 from PIL import Image
 
@@ -93,11 +94,7 @@ def jupyterlab_save(path: Path) -> None:
         cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
         cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01T00:00:00Z"}
     nbformat.write(notebook, path)
-    subprocess.run(
-        [sys.executable, "-m", "jupytext", "--sync", "--quiet", str(path)],
-        cwd=path.parent.parent,
-        check=True,
-    )
+    assert jupytext_cli(["--sync", "--quiet", str(path)]) == 0
 
 
 def test_notebooks_saved_from_jupyterlab_keep_the_repository_clean(tmp_path):
