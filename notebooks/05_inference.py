@@ -14,7 +14,8 @@
 # EGE-UNet segments skin lesions: for each image a mask (the lesion's pixels) and an
 # overlay, at the image's own size, and the lesion's area in pixels, as a share of the
 # image and in mm² when the side of a pixel is known.
-#
+
+# %% [markdown] tags=["folder"]
 # **Weights.** With `checkpoint = ""` this uses the weights the package ships,
 # `egeunet/weights/isic2017.pt` (or `isic2018.pt`), trained by the ISIC study
 # (`studies/isic.yaml`, see `egeunet/weights/README.md`). Until that study has finished
