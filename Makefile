@@ -12,17 +12,30 @@ endif
 STAMP := $(VENV)/.egeunet-installed
 STUDY ?= studies/quick.yaml
 
-.PHONY: setup test test-slow bench study lint format complexity clean gpu-bundle
+.PHONY: setup test test-slow bench study lint format complexity clean gpu-bundle notebook-filter
 
-setup: $(STAMP)
+setup: $(STAMP) notebook-filter
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name egeunet --display-name "Python (egeunet)"
+	$(BIN)/python -m ipykernel install --sys-prefix --name egeunet --display-name egeunet
 	touch $(STAMP)
+
+# Notebooks saved from JupyterLab keep their outputs on disk, never in git: .gitattributes
+# sends notebooks/*.ipynb through this clean filter (nbstripout, cell ids kept, plus the
+# language_info JupyterLab adds). Outside a git checkout there is nothing to set up.
+NBSTRIPOUT := "$(abspath $(BIN)/python)" -m nbstripout --keep-id
+notebook-filter:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	    git config filter.nbstripout.clean '$(NBSTRIPOUT)' && \
+	    git config filter.nbstripout.smudge cat && \
+	    git config filter.nbstripout.extrakeys metadata.language_info && \
+	    git config diff.ipynb.textconv '$(NBSTRIPOUT) -t' && \
+	    echo "notebook outputs are stripped on commit (git filter nbstripout)"; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/ruff check .

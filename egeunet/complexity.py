@@ -26,6 +26,7 @@ import itertools
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -85,7 +86,19 @@ def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total // x.shape[0]
 
 
+def _fvcore_nn():
+    """``fvcore.nn``, imported without the FutureWarning its import raises on recent torch
+    (its focal loss module calls ``torch.jit.script`` at import time): nothing a user of
+    this module can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit\.script.*", FutureWarning)
+        import fvcore.nn
+
+    return fvcore.nn
+
+
 def _numel(value) -> int:
+    _fvcore_nn()
     from fvcore.nn.jit_handles import get_shape
 
     shape = get_shape(value)
@@ -138,7 +151,7 @@ class FvcoreCounts:
 
 def fvcore_counts(model: nn.Module, x: torch.Tensor) -> FvcoreCounts:
     """fvcore FLOP counts of ``model(x)`` per image, with default and with extra handles."""
-    from fvcore.nn import FlopCountAnalysis
+    FlopCountAnalysis = _fvcore_nn().FlopCountAnalysis
 
     def analysis(extra: bool) -> FlopCountAnalysis:
         counter = FlopCountAnalysis(model, (x,))
@@ -212,13 +225,21 @@ def complexity_table(
     variants: Iterable[EGEUNetConfig] | None = None,
     latency: bool = True,
     repeats: int = 10,
+    progress: bool = False,
 ):
     """A pandas DataFrame with one :func:`complexity_row` per variant (default: the 8
-    switch combinations)."""
+    switch combinations). ``progress``: a tqdm bar over the variants (a widget in
+    JupyterLab, text in a terminal)."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     variants = list(variants) if variants is not None else switch_variants()
-    return pd.DataFrame([complexity_row(v, size, latency, repeats) for v in variants])
+    rows = []
+    with tqdm(variants, desc="variants", unit="variant", disable=not progress) as bar:
+        for variant in bar:
+            bar.set_postfix_str(variant.name)
+            rows.append(complexity_row(variant, size, latency, repeats))
+    return pd.DataFrame(rows)
 
 
 def paper_reported_complexity() -> dict:

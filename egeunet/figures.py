@@ -197,6 +197,38 @@ def _label_points(
         )
 
 
+def _spread_labels(
+    axis, labels: Sequence[tuple[str, float, float]], fontsize: int = 7, gap: float = 1.3
+) -> None:
+    """Write each ``(text, x, y)`` label to the right of its point; where labels would
+    overlap (points close together), move them down one under the other, each joined to
+    its point by a thin line. Call after the axis scales are set."""
+    axis.autoscale_view()
+    to_points = 72 / axis.figure.dpi
+    placed: list[tuple[float, float, float]] = []  # (left, right, baseline) in points
+    line = fontsize * gap
+    order = sorted(labels, key=lambda label: -axis.transData.transform((label[1], label[2]))[1])
+    for text, x, y in order:
+        px, py = axis.transData.transform((x, y)) * to_points
+        left, right = px + 4, px + 4 + 0.55 * fontsize * len(str(text))
+        baseline = py + 2
+        for other_left, other_right, other_baseline in placed:
+            overlaps_x = left < other_right and other_left < right
+            if overlaps_x and baseline > other_baseline - line:
+                baseline = other_baseline - line
+        placed.append((left, right, baseline))
+        moved = baseline < py + 2 - 0.5
+        axis.annotate(
+            str(text),
+            (x, y),
+            xytext=(4, baseline - py),
+            textcoords="offset points",
+            fontsize=fontsize,
+            va="bottom" if not moved else "center",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if moved else None,
+        )
+
+
 def dsc_against_parameters(ours: pd.DataFrame, references: pd.DataFrame, title: str = "") -> Figure:
     """DSC (percent) against parameter count on a log axis. ``ours`` has columns variant,
     params, dsc_mean, dsc_std (percent); ``references`` has model, label, params and dsc
@@ -291,7 +323,7 @@ def parameters_against_flops(table: pd.DataFrame, reported: pd.DataFrame | None 
         marker="x",
         label="fvcore FLOPs (all ops counted)",
     )
-    _label_points(axis, table, "variant", "macs_g", "params_total", (4, 3))
+    labels = list(zip(table["variant"], table["macs_g"], table["params_total"], strict=True))
     if reported is not None and len(reported):
         axis.scatter(
             reported["gflops"],
@@ -300,9 +332,15 @@ def parameters_against_flops(table: pd.DataFrame, reported: pd.DataFrame | None 
             color="tab:red",
             label="reported by the paper",
         )
-        _label_points(axis, reported, "model", "gflops", "params", (4, -9))
+        labels += [
+            (f"{model} (paper)", x, y)
+            for model, x, y in zip(
+                reported["model"], reported["gflops"], reported["params"], strict=True
+            )
+        ]
     axis.set_xscale("log")
     axis.set_yscale("log")
+    _spread_labels(axis, labels)
     axis.set_xlabel("G(MACs or FLOPs) per image")
     axis.set_ylabel("parameters")
     axis.legend(fontsize=7)

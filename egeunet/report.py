@@ -30,6 +30,7 @@ from pathlib import Path
 
 import markdown
 import pandas as pd
+import yaml
 
 from egeunet import figures
 from egeunet.cases import CASES_FILE, case_figure
@@ -94,6 +95,20 @@ No ISIC images or masks are stored with this report; figures of example cases, w
 present, show ISIC test images under the same licence.
 """
 
+SYNTHETIC_BANNER = (
+    "**Synthetic smoke test.** Every run of this study trained and was scored on generated "
+    "images (`egeunet.data.synthetic`), with a small budget. It shows that the pipeline "
+    "runs end to end; its numbers say nothing about how EGE-UNet or its variants perform "
+    "on skin lesions. For that, run `studies/paper.yaml` on the ISIC data."
+)
+
+LOSS_SCALES = (
+    "Loss scales differ between variants: with deep supervision ({variants}) the loss is "
+    "the final map's BCE + Dice plus five side maps' (weights 0.1 to 0.5, six terms in "
+    "all), so its loss curves sit several times above those of the variants without it. "
+    "Compare variants by validation DSC, not by loss."
+)
+
 SIGNIFICANCE = (
     "Paired t-test over seeds (scipy.stats.ttest_rel; runs with the same seed are paired). "
     "A Wilcoxon signed-rank test cannot reach p < 0.05 with so few pairs (its smallest "
@@ -111,6 +126,8 @@ class Report:
     html_path: Path
     findings_path: Path
     tables: dict[str, Path] = field(default_factory=dict)
+    readable: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """The tables as the report shows them (rounded, "–" where missing), by name."""
     figures: dict[str, Path] = field(default_factory=dict)
     runs: int = 0
     failures: int = 0
@@ -136,6 +153,7 @@ class _Writer:
         write_text_atomic(self.tables_dir / f"{name}.csv", numbers.to_csv(index=False))
         write_text_atomic(self.tables_dir / f"{name}.tex", latex_table(readable))
         self.report.tables[name] = self.tables_dir / f"{name}.csv"
+        self.report.readable[name] = readable
         if show:
             self.parts.append(markdown_table(readable))
 
@@ -323,12 +341,18 @@ def _ablation_section(writer: _Writer, tables: StudyTables, reference: dict) -> 
                 "dsc_std": rows["pooled_dsc_std"],
             }
         )
+        published = reported_points(reference, dataset)
+        shown = (
+            "with the published figures shown in this report"
+            if not published.empty
+            else "no published figure exists for this dataset, so none is plotted"
+        )
         writer.figure(
             f"dsc_vs_params_{key}",
-            f"Pooled DSC against parameters, with the shown published figures ({dataset})",
+            f"Pooled DSC against parameters ({dataset}); {shown}",
             figures.dsc_against_parameters,
             ours,
-            reported_points(reference, dataset),
+            published,
         )
 
 
@@ -408,6 +432,9 @@ def _curves_section(writer: _Writer, tables: StudyTables) -> None:
         if history.empty:
             continue
         writer.text(f"\n{budget_statement(group)}\n")
+        supervised = sorted(v for v in set(group["model"]) if has_deep_supervision(v))
+        if supervised and len(supervised) < group["model"].nunique():
+            writer.text(f"{LOSS_SCALES.format(variants=', '.join(supervised))}\n")
         writer.figure(
             f"learning_curves_{dataset}_{protocol}",
             f"Learning curves per variant ({dataset}, {protocol})",
@@ -512,10 +539,44 @@ HTML_TEMPLATE = """<!DOCTYPE html>
 <style>body{{font-family:sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem}}
 table{{border-collapse:collapse;margin:1rem 0;font-size:0.9rem}}
 th,td{{border:1px solid #ccc;padding:0.25rem 0.5rem;text-align:left}}
+.table-scroll{{overflow-x:auto;max-width:100%}}
+blockquote{{border-left:4px solid #c90;background:#fff8e6;margin:1rem 0;padding:0.5rem 1rem}}
 img{{max-width:100%}}</style></head><body>
 {body}
 </body></html>
 """
+
+
+def scrolling_tables(html: str) -> str:
+    """``html`` with every table inside a box that scrolls sideways, so wide tables stay
+    within the page."""
+    html = html.replace("<table>", '<div class="table-scroll"><table>')
+    return html.replace("</table>", "</table></div>")
+
+
+def study_description(study_file: str | Path | None) -> str:
+    """The ``description`` of the study file, "" without one (or without a file)."""
+    if study_file is None:
+        return ""
+    try:
+        document = yaml.safe_load(Path(study_file).read_text("utf-8"))
+    except (OSError, yaml.YAMLError):
+        return ""
+    description = document.get("description") if isinstance(document, dict) else None
+    return " ".join(str(description).split()) if description else ""
+
+
+def is_synthetic(tables: StudyTables) -> bool:
+    """Whether every dataset of the study is the synthetic one."""
+    datasets = _datasets(tables)
+    return bool(datasets) and datasets == {"synthetic"}
+
+
+def has_deep_supervision(model: str) -> bool:
+    """Whether the model variant named ``model`` (:attr:`EGEUNetConfig.name`) trains with
+    deep supervision: the full model, or a ladder rung with ``+ds``."""
+    parts = model.split("[")[0].split("+")
+    return parts[0] == "egeunet" or "ds" in parts
 
 
 def _relative_study_file(study_file: str | Path | None, study_dir: Path) -> str | None:
@@ -559,6 +620,12 @@ def build_report(
     runs = tables.runs
     budget = budget_statement(runs[runs["variant"] == full_model]) if not runs.empty else ""
     writer.text(f"# Study report: {study_name}\n")
+    description = study_description(study_file)
+    if description:
+        writer.text(f"{description}\n")
+    synthetic = is_synthetic(tables)
+    if synthetic:
+        writer.text(f"> {SYNTHETIC_BANNER}\n")
     if budget:
         writer.text(f"> {budget}\n")
     writer.text(found.markdown())
@@ -583,13 +650,13 @@ def build_report(
     _references_section(writer, reference)
     if any(str(d).startswith("isic") for d in _datasets(tables)):
         writer.text("\n## Data: credit and licence\n", DATA_CREDIT)
-    _write_findings(found, output_dir, study_name)
+    _write_findings(found, output_dir, study_name, synthetic)
     write_json_atomic(
         output_dir / REPORT_INPUTS, {"study_file": relative_file, "full_model": full_model}
     )
     text = "\n".join(writer.parts)
     write_text_atomic(report.markdown_path, text)
-    body = markdown.markdown(text, extensions=["tables"])
+    body = scrolling_tables(markdown.markdown(text, extensions=["tables"]))
     write_text_atomic(
         report.html_path, HTML_TEMPLATE.format(title=f"Study report: {study_name}", body=body)
     )
@@ -603,8 +670,11 @@ def _datasets(tables: StudyTables) -> set[str]:
     return found
 
 
-def _write_findings(found: Findings, output_dir: Path, study_name: str) -> None:
-    text = found.markdown(f"# Findings: {study_name}", link="REPORT.md")
+def _write_findings(found: Findings, output_dir: Path, study_name: str, synthetic: bool) -> None:
+    heading = f"# Findings: {study_name}"
+    if synthetic:
+        heading += f"\n\n> {SYNTHETIC_BANNER}"
+    text = found.markdown(heading, link="REPORT.md")
     write_text_atomic(output_dir / "findings.md", text)
     write_json_atomic(output_dir / "findings.json", found.as_json())
 

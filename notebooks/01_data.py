@@ -31,10 +31,10 @@ from IPython.display import display
 from egeunet.data import get_prepared
 from egeunet.data_overview import overview
 from egeunet.figures import show
+from egeunet.paths import resolve_existing, resolve_output
 
-prepared = get_prepared(
-    dataset, data_root or None, size=image_size, num_synthetic=num_synthetic or None
-)
+root = resolve_existing(data_root, "data_root") if data_root else None
+prepared = get_prepared(dataset, root, size=image_size, num_synthetic=num_synthetic or None)
 data = overview(prepared, num_examples=num_examples, seed=seed)
 data.summary()
 
@@ -60,5 +60,5 @@ show(data.examples)
 
 # %%
 if output_dir:
-    for path in data.save(output_dir):
+    for path in data.save(resolve_output(output_dir)):
         print("wrote", path)

@@ -13,66 +13,32 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 import pytest
+from browser_helpers import (
+    STARTUP_SECONDS,
+    free_port,
+    launch,
+    record_foreign_requests,
+    require_browser,
+    wait_for_port,
+)
 from engine_helpers import train_small_checkpoint
 from kernel_helpers import ensure_kernel
 from PIL import Image
 
 from egeunet.cli import main as cli_main
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip(
-        "Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
-)
+sync_api = require_browser()
 pytest.importorskip("voila", reason="voila is not installed (pip install -e .)")
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # as root (CI)
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--no-proxy-server",
-]
-STARTUP_SECONDS = 240  # a busy 2-core machine needs most of it: imports, kernel, notebook
 THRESHOLD_STEPS = -20  # arrow presses on the slider handle: 0.50 -> 0.30
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"egeunet app exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"egeunet app did not listen on port {port}:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +58,7 @@ def app_server(tmp_path_factory, synthetic_cache):
             start_new_session=True,  # its own group: the kernels it starts end with it
         )  # fmt: skip
     try:
-        wait_for_port(port, process, log)
+        wait_for_port(port, process, log, "egeunet app")
         assert f"open http://127.0.0.1:{port}/ in a browser" in log.read_text()
         yield f"http://127.0.0.1:{port}/", checkpoint
     finally:
@@ -122,25 +88,15 @@ def test_segment_an_image_in_the_browser(app_server, lesion_images, tmp_path):
     not_an_image.write_text("these are notes, not a picture")
     elsewhere = []
     with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
+        context = launch(
+            playwright,
+            tmp_path / "chromium-profile",
             accept_downloads=True,
             viewport={"width": 1280, "height": 1000},
         )
         try:
             page = context.new_page()
-            page.on(
-                "requestfinished",
-                lambda r: (
-                    None
-                    if urlparse(r.url).scheme in ("data", "blob")
-                    or urlparse(r.url).hostname == "127.0.0.1"
-                    else elsewhere.append(r.url)
-                ),
-            )
+            record_foreign_requests(page, elsewhere)
             page.set_default_timeout(60_000)
             page.goto(url, timeout=STARTUP_SECONDS * 1000)
             page.locator(".egeunet-upload").wait_for(timeout=STARTUP_SECONDS * 1000)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from jupytext.cli import jupytext as jupytext_cli
 from kernel_helpers import ensure_kernel
 from PIL import Image
 
@@ -41,18 +42,92 @@ def parameters_cell(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return tagged[0]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_pair_in_sync_and_without_outputs(name):
-    committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    from_script = jupytext.read(NOTEBOOKS / f"{name}.py")
-    assert [c.source for c in committed.cells] == [c.source for c in from_script.cells], (
+def check_pair_in_sync(folder: Path, name: str) -> None:
+    """The .ipynb and .py of ``name`` in ``folder`` hold the same cells (outputs and
+    metadata a JupyterLab save adds do not matter)."""
+    saved = nbformat.read(folder / f"{name}.ipynb", as_version=4)
+    from_script = jupytext.read(folder / f"{name}.py")
+    assert [c.source for c in saved.cells] == [c.source for c in from_script.cells], (
         f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py`"
     )
-    assert [c.cell_type for c in committed.cells] == [c.cell_type for c in from_script.cells]
-    assert committed.metadata["kernelspec"]["name"] == study.KERNEL_NAME
+    assert [c.cell_type for c in saved.cells] == [c.cell_type for c in from_script.cells]
+    assert saved.metadata["kernelspec"]["name"] == study.KERNEL_NAME
+
+
+def committed_text(path: Path) -> str:
+    """``path`` as git holds it (the index: what the next commit stores, after the clean
+    filter), or as it is on disk outside a git checkout or when untracked."""
+    shown = subprocess.run(
+        ["git", "show", f":./{path.name}"], cwd=path.parent, capture_output=True, text=True
+    )
+    return shown.stdout if shown.returncode == 0 else path.read_text(encoding="utf-8")
+
+
+def check_committed_without_outputs(folder: Path, name: str) -> None:
+    committed = nbformat.reads(committed_text(folder / f"{name}.ipynb"), as_version=4)
     for cell in committed.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs committed"
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{name}: outputs in git; `make setup` installs the filter that strips them"
+            )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pair_in_sync(name):
+    check_pair_in_sync(NOTEBOOKS, name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs(name):
+    check_committed_without_outputs(NOTEBOOKS, name)
+
+
+def jupyterlab_save(path: Path) -> None:
+    """Change ``path`` as running it in JupyterLab and saving does: outputs, execution
+    counts, language_info, widget state; then jupytext writes the paired .py (as the
+    JupyterLab extension does on save) from the repository's jupytext.toml."""
+    notebook = nbformat.read(path, as_version=4)
+    notebook.metadata["language_info"] = {"name": "python", "version": "3.11.2"}
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    for count, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
+        cell.execution_count = count + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
+        cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01T00:00:00Z"}
+    nbformat.write(notebook, path)
+    assert jupytext_cli(["--sync", "--quiet", str(path)]) == 0
+
+
+def test_notebooks_saved_from_jupyterlab_keep_the_repository_clean(tmp_path):
+    """A copy of the project's notebook files in a fresh git repository, with the filter
+    ``make setup`` installs: after every notebook is run and saved as JupyterLab does,
+    git sees no change, and the checks above still pass."""
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    for name in (".gitattributes", "jupytext.toml"):
+        (repo / name).write_bytes((REPO / name).read_bytes())
+    for path in NOTEBOOKS.glob("*.*"):
+        if path.suffix in (".ipynb", ".py"):
+            (repo / "notebooks" / path.name).write_bytes(path.read_bytes())
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(
+        ["make", "-s", "-f", str(REPO / "Makefile"), "notebook-filter",
+         f"BIN={Path(sys.executable).parent}"],
+        cwd=repo, check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "notebooks"], cwd=repo, check=True)
+    for name in NAMES:
+        jupyterlab_save(repo / "notebooks" / f"{name}.ipynb")
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    status = subprocess.run(
+        [*git, "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert status.stdout == "", f"saving from JupyterLab changed what git holds:\n{status.stdout}"
+    for name in NAMES:
+        assert "ran" in (repo / "notebooks" / f"{name}.ipynb").read_text()  # outputs on disk
+        check_pair_in_sync(repo / "notebooks", name)
+        check_committed_without_outputs(repo / "notebooks", name)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from report_fixtures import (
     EPOCHS,
     FULL_DSC,
+    LADDER,
     MANIFEST_HASH,
     write_history,
     write_run,
@@ -397,3 +398,40 @@ def test_findings_compare_isic2018_with_the_third_party_paper_figure(tmp_path):
     assert "scored DSC 89.58" in text and "ours is within their range" in text  # 88.85-89.58
     numbers = json.loads((tmp_path / "study" / "findings.json").read_text())["numbers"]
     assert numbers["headline"]["isic2018"]["ours_minus_paper"] == pytest.approx(-0.46)
+
+
+def test_a_synthetic_study_says_what_it_is(tmp_path):
+    """Study name and description at the top, the smoke-test banner (also in findings), a
+    caption that says no published point is plotted, the note on loss scales, and HTML
+    tables that scroll inside the page."""
+    runs_dir = tmp_path / "quick" / "runs"
+    for variant in LADDER:
+        write_run(runs_dir, variant, 1, dataset="synthetic")
+    study_file = tmp_path / "quick.yaml"
+    study_file.write_text(
+        "name: quick\ndescription: Smoke-scale ablation ladder\n  on synthetic data.\n"
+        "datasets: [synthetic]\nprotocols: [paper]\nseeds: [1]\n"
+        "variants: {egeunet: {}}\ntrain: {epochs: 3}\n"
+    )
+    report = rep.build_report(tmp_path / "quick", study_file=study_file)
+    text = report.markdown_path.read_text()
+    top = text[: text.index("## Findings")]
+    assert "# Study report: quick" in top
+    assert "Smoke-scale ablation ladder on synthetic data." in top
+    assert "**Synthetic smoke test.**" in top and "say nothing about how EGE-UNet" in top
+    assert "**Synthetic smoke test.**" in report.findings_path.read_text()
+    assert "no published figure exists for this dataset, so none is plotted" in text
+    assert (
+        "with deep supervision (egeunet)" in text and "Compare variants by validation DSC" in text
+    )
+    html = report.html_path.read_text()
+    assert html.count('<div class="table-scroll"><table>') == html.count("<table>") > 0
+    assert "ablation" in report.readable  # as shown: rounded, "–" where missing
+
+
+def test_a_real_data_report_has_no_banner_and_plots_the_published_points(built):
+    _, report = built
+    text = report.markdown_path.read_text()
+    assert "Synthetic smoke test" not in text
+    assert "(isic2017); with the published figures shown in this report" in text
+    assert "with deep supervision (egeunet)" in text
