@@ -32,7 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from egeunet.model import GHPA_BRANCHES, EGEUNet, EGEUNetConfig, count_parameters
+from egeunet.model import (
+    GHPA_BRANCHES,
+    SIZE_MULTIPLE,
+    EGEUNet,
+    EGEUNetConfig,
+    count_parameters,
+    is_image_size,
+)
 
 PAPER_MACS_G = 0.072
 PAPER_PARAMS = 53_374
@@ -285,8 +292,8 @@ def register(subparsers) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.size % 32:
-        raise ValueError(f"--size: must be a positive multiple of 32, got {args.size}")
+    if not is_image_size(args.size):
+        raise ValueError(f"--size: must be a positive multiple of {SIZE_MULTIPLE}, got {args.size}")
     variants: Sequence[EGEUNetConfig] = switch_variants() + (
         branch_variants() if args.micro else []
     )
