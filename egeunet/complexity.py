@@ -40,6 +40,7 @@ from egeunet.model import (
     count_parameters,
     is_image_size,
 )
+from egeunet.report_format import markdown_table
 
 PAPER_MACS_G = 0.072
 PAPER_PARAMS = 53_374
@@ -268,7 +269,7 @@ def format_table(table, fmt: str, size: int) -> str:
         for column in ("latency_ms_b1", "latency_ms_b8"):
             if column in shown:
                 shown[column] = shown[column].map(lambda v: f"{v:.2f}")
-        return f"{conventions_header(size)}\n\n{shown.to_markdown(index=False)}\n"
+        return f"{conventions_header(size)}\n\n{markdown_table(shown)}"
     raise ValueError(f"--format: expected markdown, csv or json, got {fmt!r}")
 
 

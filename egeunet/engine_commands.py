@@ -21,6 +21,7 @@ import yaml
 
 from egeunet.checkpoint import SHIPPED_WEIGHTS
 from egeunet.engine import PIPELINES, PROTOCOLS, TrainConfig, TrainingDiverged, evaluate, train
+from egeunet.engine.config import CHOICES
 from egeunet.fieldtypes import field_default, field_types, parse_text
 from egeunet.metrics import METRICS, THRESHOLD
 from egeunet.model import EGEUNetConfig
@@ -52,7 +53,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             *_option_names(f.name),
             dest=f"set:{f.name}",
-            metavar="VALUE",
+            metavar="VALUE" if f.name not in CHOICES else None,
+            choices=CHOICES.get(f.name),
             default=argparse.SUPPRESS,
             help=f"(default {_describe_default(getattr(defaults, f.name))})",
         )

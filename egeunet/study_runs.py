@@ -20,8 +20,6 @@ from egeunet.study_files import planned_runs
 IDENTITY = ("run_id", "dataset", "protocol", "variant", "seed")
 """Columns that name a run, copied onto every row of its stacked CSV files."""
 
-HARDWARE_KEYS = ("host", "hostname", "platform", "machine", "processor", "cpu", "cpu_count")
-"""Optional config.json keys describing the machine, shown when a run recorded them."""
 
 DONE, UNFINISHED, FAILED, NOT_STARTED = "done", "unfinished", "failed", "not started"
 NOT_IN_STUDY = "not in the study file"
@@ -37,8 +35,6 @@ def _hashes(document: dict) -> dict[str, str]:
     for key, value in document.items():
         if isinstance(value, str) and "hash" in key:
             found[key] = value
-        elif isinstance(value, dict) and key in ("data", "dataset", "manifest"):
-            found.update({f"{key}.{k}": v for k, v in _hashes(value).items()})
     return found
 
 
@@ -215,7 +211,6 @@ def _hardware(config_doc: dict) -> str:
     threads = config_doc.get("num_threads")
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    parts += [f"{key} {config_doc[key]}" for key in HARDWARE_KEYS if config_doc.get(key)]
     return ", ".join(parts)
 
 

@@ -303,6 +303,23 @@ def test_restart_discards_the_old_run_and_steps_reach_the_callback(tmp_path):
         train(shorter, run_dir, resume=True, restart=True, progress=False)
 
 
+def test_a_rerun_in_the_same_folder_continues_or_restarts_never_a_dead_end(tmp_path):
+    from egeunet.engine import train_run
+
+    run_dir = tmp_path / "notebook"
+    once = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1})
+    first = train_run(once, run_dir, "resume")  # an empty folder: a new run
+    assert train_run(once, run_dir, "resume") == first  # finished: its metrics again
+    longer = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 2})
+    assert train_run(longer, run_dir, "resume")["epochs"] == 2  # continued
+    other = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1, "batch_size": 3})
+    with pytest.raises(ValueError, match=r"changed: batch_size \(4 -> 3\).*if_exists='restart'"):
+        train_run(other, run_dir, "resume")
+    assert train_run(other, run_dir, "restart")["epochs"] == 1
+    with pytest.raises(ValueError, match=r"if_exists: expected resume .* or restart"):
+        train_run(other, run_dir, "again")
+
+
 def test_progress_line_has_the_fields(capsys):
     progress = engine.Progress(False, total_epochs=10)
     row = {"epoch": 2, "train_loss": 0.5, "val_loss": 0.4, "val_dsc": 0.8, "lr": 1e-3,

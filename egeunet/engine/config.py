@@ -29,6 +29,8 @@ class Protocol(enum.StrEnum):
 
 
 PROTOCOLS = tuple(p.value for p in Protocol)
+CHOICES = {"protocol": PROTOCOLS, "normalization": NORMALIZATIONS}
+"""The values a text field may take (the command line offers them as choices)."""
 
 RECIPES: dict[str, dict] = {
     "published": {},
@@ -89,8 +91,8 @@ class TrainConfig:
 
     def _check_values(self) -> None:
         checks = [
-            ("protocol", self.protocol in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
-            ("normalization", self.normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+            *((name, getattr(self, name) in values, f"one of {', '.join(values)}")
+              for name, values in CHOICES.items()),
             ("image_size", is_image_size(self.image_size), f"a positive multiple of {SIZE_MULTIPLE}"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),

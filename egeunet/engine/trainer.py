@@ -64,9 +64,9 @@ HISTORY_COLUMNS = (
     "seconds",
     "images_per_second",
 )
-RESTART_HINT = (
-    "keep the run's settings to continue it, or start over: if_exists='restart' in the "
-    "03_train notebook, --restart for egeunet train, or another run folder"
+START_OVER = (
+    "start over: if_exists='restart' in the 03_train notebook, --restart for egeunet "
+    "train, or another run folder"
 )
 
 EpochCallback = Callable[[int, dict], None]
@@ -252,7 +252,8 @@ class Trainer:
         if changes:
             raise ValueError(
                 f"cannot resume the run in {self.run.root} with a different configuration; "
-                f"changed: {', '.join(changes)}. {RESTART_HINT[0].upper()}{RESTART_HINT[1:]}"
+                f"changed: {', '.join(changes)}. Keep the run's settings to continue it, or "
+                f"{START_OVER}"
             )
         if checkpoint["data_manifest_hash"] != self.prepared.manifest_hash:
             raise ValueError(
@@ -272,7 +273,7 @@ class Trainer:
             raise ValueError(
                 f"cannot resume with epochs {self.config.epochs}: {self.run.last} has already "
                 f"trained {self.state.epoch} epochs; use epochs >= {self.state.epoch}, or "
-                f"{RESTART_HINT.split(', or ', 1)[1]}"
+                f"{START_OVER}"
             )
         threads = checkpoint.get("num_threads")
         if threads != torch.get_num_threads():
