@@ -99,7 +99,8 @@ class _ProgressPrinter:
     def __call__(self, event: str, spec: RunSpec, outcome: RunOutcome | None) -> None:
         prefix = f"[{self.index.get(spec.run_id, '?')}/{self.total}]"
         if event == "start":
-            where = f" on {spec.device}" if "device" in spec.parameters else ""
+            takes_device = "device" in spec.parameters or "train" in spec.parameters
+            where = f" on {spec.device}" if takes_device else ""
             plural = "s" if spec.threads != 1 else ""
             threads = f", {spec.threads} thread{plural}" if spec.threads else ""
             self.log(f"{prefix} start {spec.run_id}{where}{threads}")
