@@ -41,7 +41,9 @@ from PIL import Image
 from egeunet.checkpoint import SHIPPED_WEIGHTS, load_model, resolve_weights
 from egeunet.data.prepare import DECODE_ERRORS, WIDE_GREY_MODES, image_error
 from egeunet.fileio import write_text_atomic
-from egeunet.predict import OUTPUT_SUFFIXES, PREDICTION_COLOUR, encode_png, mask_pixels, overlay
+from egeunet.metrics import THRESHOLD
+from egeunet.overlay import PREDICTION_COLOUR, overlay
+from egeunet.predict import OUTPUT_SUFFIXES, encode_png, mask_pixels
 
 if TYPE_CHECKING:  # the widgets' modules (pandas, matplotlib, nbformat) load when used: the
     # command line starts without them
@@ -306,7 +308,7 @@ def area_html(name: str, area: dict, threshold: float) -> str:
 
 def lesion_app(
     weights: str | os.PathLike,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     pixel_size_mm: float = 0.0,
     device: str = "auto",
 ) -> LesionApp:
@@ -389,7 +391,7 @@ def serve(
     weights: str | os.PathLike = DEFAULT_WEIGHTS,
     port: int = DEFAULT_PORT,
     host: str = "127.0.0.1",
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     pixel_size_mm: float = 0.0,
     log=print,
 ) -> None:
@@ -464,7 +466,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to listen on (default 127.0.0.1: this computer only)",
     )
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="initial threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        help=f"initial threshold (default {THRESHOLD})",
     )
     parser.add_argument(
         "--pixel-size-mm",

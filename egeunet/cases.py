@@ -2,21 +2,22 @@
 
 A run's per-image scores (``per_image.csv``) rank its test images; :func:`pick_cases`
 chooses the best, median and worst, and :func:`save_cases` stores those images with their
-truth and predicted probabilities in ``<run_dir>/cases.npz`` so the report can draw the
+truth and predicted probabilities in ``<run_dir>/cases.npz`` (the engine's evaluation
+writer does, for every finished run and evaluation) so the report can draw the
 qualitative grid from files alone.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from egeunet.fileio import atomic_open
+from egeunet.metrics import THRESHOLD
+from egeunet.runfolder import CASES_FILE
 
-CASES_FILE = "cases.npz"
 CASE_LABELS = ("best", "median", "worst")
 
 
@@ -70,38 +71,7 @@ def load_cases(run_dir: str | Path) -> dict[str, np.ndarray] | None:
         return {name: archive[name] for name in archive.files}
 
 
-def save_run_cases(run_dir: str | Path, device: str = "cpu") -> Path:
-    """Pick the best, median and worst test images of a finished run (by per-image DSC in
-    its ``per_image.csv``), predict them with its ``checkpoints/best.pt`` at the training
-    size, and save them with :func:`save_cases`."""
-    import torch
-
-    from egeunet.checkpoint import load_model
-    from egeunet.data import SegmentationDataset
-    from egeunet.engine import TrainConfig, open_dataset
-    from egeunet.predict import resolve_device
-
-    run_dir = Path(run_dir)
-    per_image = pd.read_csv(run_dir / "per_image.csv")
-    chosen = pick_cases(per_image)
-    ids = [chosen[label] for label in CASE_LABELS]
-    scores = per_image.set_index("id").loc[ids, "dsc"].astype(float).tolist()
-    document = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    config = TrainConfig.from_dict(document.get("config", document))
-    prepared = open_dataset(config)
-    inputs = SegmentationDataset(prepared, ids, augment=False, normalization=config.normalization)
-    torch_device = resolve_device(device)
-    model = load_model(run_dir / "checkpoints" / "best.pt").model.to(torch_device)
-    batch = torch.stack([inputs[i][0] for i in range(len(ids))]).to(torch_device)  # (3, 3, S, S)
-    with torch.inference_mode():
-        probabilities = torch.sigmoid(model(batch)[0].float())[:, 0].cpu().numpy()  # (3, S, S)
-    rows = prepared.index_of(ids)
-    return save_cases(
-        run_dir, ids, prepared.images[rows], prepared.masks[rows], probabilities, scores
-    )
-
-
-def case_figure(run_dir: str | Path, threshold: float = 0.5):
+def case_figure(run_dir: str | Path, threshold: float = THRESHOLD):
     """The best/median/worst grid (image, truth, prediction) of a run's saved cases, or
     None when it saved none."""
     from egeunet.figures import case_grid

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from egeunet.model import GHPA_BRANCHES, EGEUNet, EGEUNetConfig, count_parameters
+from egeunet.model import (
+    GHPA_BRANCHES,
+    SIZE_MULTIPLE,
+    EGEUNet,
+    EGEUNetConfig,
+    count_parameters,
+    is_image_size,
+)
+from egeunet.report_format import markdown_table
 
 PAPER_MACS_G = 0.072
 PAPER_PARAMS = 53_374
@@ -282,7 +290,7 @@ def format_table(table, fmt: str, size: int) -> str:
         for column in ("latency_ms_b1", "latency_ms_b8"):
             if column in shown:
                 shown[column] = shown[column].map(lambda v: f"{v:.2f}")
-        return f"{conventions_header(size)}\n\n{shown.to_markdown(index=False)}\n"
+        return f"{conventions_header(size)}\n\n{markdown_table(shown)}"
     raise ValueError(f"--format: expected markdown, csv or json, got {fmt!r}")
 
 
@@ -306,8 +314,8 @@ def register(subparsers) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.size % 32:
-        raise ValueError(f"--size: must be a positive multiple of 32, got {args.size}")
+    if not is_image_size(args.size):
+        raise ValueError(f"--size: must be a positive multiple of {SIZE_MULTIPLE}, got {args.size}")
     variants: Sequence[EGEUNetConfig] = switch_variants() + (
         branch_variants() if args.micro else []
     )

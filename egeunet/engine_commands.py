@@ -14,53 +14,18 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
 from egeunet.checkpoint import SHIPPED_WEIGHTS
-from egeunet.engine import (
-    PIPELINES,
-    TrainConfig,
-    TrainingDiverged,
-    evaluate,
-    field_types,
-    train,
-)
+from egeunet.engine import PIPELINES, PROTOCOLS, TrainConfig, TrainingDiverged, evaluate, train
+from egeunet.engine.config import CHOICES
+from egeunet.fieldtypes import field_default, field_types, parse_text
+from egeunet.metrics import METRICS, THRESHOLD
 from egeunet.model import EGEUNetConfig
 from egeunet.predict import BACKENDS, predict
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null"}
-
-
-def parse_value(text: str, annotation: typing.Any, name: str) -> typing.Any:
-    """Turn command-line ``text`` into a value of type ``annotation`` (ValueError naming ``name``)."""
-    args = typing.get_args(annotation)
-    if type(None) in args:
-        if text.strip().lower() in _NONE:
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is tuple:
-        item_type = args[0]
-        return tuple(
-            parse_value(part.strip(), item_type, name) for part in text.split(",") if part.strip()
-        )
-    try:
-        if annotation is bool:
-            lowered = text.strip().lower()
-            if lowered in _TRUE | _FALSE:
-                return lowered in _TRUE
-            raise ValueError
-        if annotation in (int, float):
-            return annotation(text)
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}[annotation]
-        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
-    return text
 
 
 def _option_names(name: str) -> list[str]:
@@ -88,13 +53,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             *_option_names(f.name),
             dest=f"set:{f.name}",
-            metavar="VALUE",
+            metavar="VALUE" if f.name not in CHOICES else None,
+            choices=CHOICES.get(f.name),
             default=argparse.SUPPRESS,
             help=f"(default {_describe_default(getattr(defaults, f.name))})",
         )
     model_group = parser.add_argument_group("model overrides", "Fields of EGEUNetConfig.")
     for f in fields(EGEUNetConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = field_default(EGEUNetConfig, f.name)
         model_group.add_argument(
             *_option_names(f"model.{f.name}"),
             dest=f"set:model.{f.name}",
@@ -135,9 +101,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         name = dest[len("set:") :]
         if name.startswith("model."):
             key = name[len("model.") :]
-            model[key] = parse_value(text, model_types[key], name)
+            model[key] = parse_text(text, model_types[key], name)
         else:
-            data[name] = parse_value(text, train_types[name], name)
+            data[name] = parse_text(text, train_types[name], name)
     if model:
         data["model"] = model
     return TrainConfig.from_dict(data)
@@ -148,25 +114,29 @@ def _figure(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+REDUCTION_TITLES = {
+    "pooled": "pooled over all pixels (paper convention)",
+    "per_image": "per image",
+}
+
+
 def format_metrics(document: dict) -> str:
-    """A short, labelled summary of a metrics.json document."""
-    pooled = {k: _figure(v) for k, v in document["pooled"].items()}
-    per_image = {
-        k: _figure(v, 2 if k.startswith("hd95") else 4) for k, v in document["per_image"].items()
-    }
-    return "\n".join(
-        [
-            f"{document['protocol']} protocol, {document['selection']}, best epoch "
-            f"{document.get('best_epoch')}; split {document['split']} ({document['num_images']} images)",
-            f"pooled over all pixels (paper convention): IoU (paper's mIoU) {pooled['iou']}  "
-            f"DSC {pooled['dsc']}  accuracy {pooled['accuracy']}  "
-            f"specificity {pooled['specificity']}  sensitivity {pooled['sensitivity']}",
-            f"per image: DSC mean {per_image['dsc_mean']} median {per_image['dsc_median']}  "
-            f"IoU mean {per_image['iou_mean']} median {per_image['iou_median']}  "
-            f"ISIC score {per_image['isic_score']}  HD95 mean {per_image['hd95_mean']} px "
-            f"median {per_image['hd95_median']} px",
+    """A short, labelled summary of a metrics.json document: one line per reduction,
+    every metric of :data:`egeunet.metrics.METRICS` as stored (ratios in [0, 1])."""
+    lines = [
+        f"{document['protocol']} protocol, {document['selection']}, best epoch "
+        f"{document.get('best_epoch')}; split {document['split']} ({document['num_images']} images)"
+    ]
+    for reduction, title in REDUCTION_TITLES.items():
+        values = document.get(reduction, {})
+        parts = [
+            f"{m.label} {_figure(values.get(m.key), 4 if m.percent else 2)}"
+            + ("" if m.percent else f" {m.unit}")
+            for m in METRICS
+            if m.reduction == reduction
         ]
-    )
+        lines.append(f"{title}: " + "  ".join(parts))
+    return "\n".join(lines)
 
 
 def _positive_int(text: str) -> int:
@@ -193,6 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
             config,
             run_dir,
             resume=args.resume,
+            restart=args.restart,
             progress=_progress_choice(args.progress),
             threads=args.threads,
             pipeline=args.pipeline,
@@ -278,6 +249,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in --run-dir from checkpoints/last.pt",
     )
     train_parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run --run-dir holds (its files only) and start over",
+    )
+    train_parser.add_argument(
         "--progress",
         choices=("auto", "bars", "lines"),
         default="auto",
@@ -316,11 +292,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dataset", help="override the checkpoint's dataset (required for raw state dicts)"
     )
     eval_parser.add_argument("--data-root", help="folder holding the dataset's files")
-    eval_parser.add_argument("--protocol", choices=("paper", "clean", "challenge"))
+    eval_parser.add_argument("--protocol", choices=PROTOCOLS)
     eval_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     eval_parser.add_argument("--batch-size", type=int)
     eval_parser.add_argument(
-        "--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        help=f"lesion probability threshold (default {THRESHOLD})",
     )
     eval_parser.set_defaults(func=run_evaluate)
 
@@ -349,7 +328,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict_parser.add_argument("--output", required=True, help="output folder")
     predict_parser.add_argument(
-        "--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        help=f"lesion probability threshold (default {THRESHOLD})",
     )
     predict_parser.add_argument("--batch-size", type=int, default=8)
     predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -25,10 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from egeunet.fileio import atomic_open
-from egeunet.study import OUTCOME_FILE, is_finished
+from egeunet.notebook_runs import is_finished
+from egeunet.runfolder import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    OUTCOME_FILE,
+    PER_IMAGE_FILE,
+    RunFolder,
+)
 
-RUN_FILES = ("config.json", "history.csv", "metrics.json", "per_image.csv", OUTCOME_FILE)
-RESUME_FILES = ("checkpoints/last.pt", "checkpoints/best.pt")
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PER_IMAGE_FILE, OUTCOME_FILE)
+RESUME_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT)
 STUDY_FILES = (  # glob patterns under runs/
     "02_complexity/complexity.csv",
     f"02_complexity/{OUTCOME_FILE}",
@@ -60,7 +70,7 @@ def _copy(source: Path, dest: Path, changes: EvidenceChanges, relative: str) -> 
 
 
 def _is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    return path.is_dir() and RunFolder(path).config.is_file()
 
 
 def copy_evidence(source: str | Path, dest: str | Path) -> EvidenceChanges:
@@ -85,7 +95,7 @@ def copy_evidence(source: str | Path, dest: str | Path) -> EvidenceChanges:
         for name in RUN_FILES:
             if (run / name).is_file():
                 _copy(run / name, target / name, changes, f"{run.name}/{name}")
-        if is_finished(run) and (run / "metrics.json").is_file():
+        if is_finished(run) and RunFolder(run).metrics.is_file():
             changes.finished.append(run.name)
             for name in RESUME_FILES:
                 if (target / name).exists():

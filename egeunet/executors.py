@@ -1,7 +1,7 @@
 """Executors that carry out a study's runs.
 
-An executor takes a list of :class:`egeunet.study.RunSpec` and returns one
-:class:`egeunet.study.RunOutcome` per spec, in the order of the specs, calling
+An executor takes a list of :class:`egeunet.runfolder.RunSpec` and returns one
+:class:`egeunet.runfolder.RunOutcome` per spec, in the order of the specs, calling
 ``on_event("start" | "end", spec, outcome)`` as runs begin and end so the study runner can
 print one line each. Two kinds:
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import inspect
 import logging
 import os
@@ -35,9 +36,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
 
-    from egeunet.study import RunOutcome, RunSpec
+    from egeunet.runfolder import RunOutcome, RunSpec
 
-EXECUTOR_KINDS = ("local", "dask")
+
+class ExecutorKind(enum.StrEnum):
+    """Where a study's training runs execute: this machine, or a Dask cluster."""
+
+    LOCAL = "local"
+    DASK = "dask"
+
+
+EXECUTOR_KINDS = tuple(kind.value for kind in ExecutorKind)
 
 RunFunction = Callable[["RunSpec"], "RunOutcome"]
 EventHandler = Callable[[str, "RunSpec", "RunOutcome | None"], None]
@@ -70,7 +79,7 @@ def make_executor(
         retries: how many times a run is started again after the worker running it died
             (dask only); after that the run is reported failed.
         run_fn: the function that carries out one run; default
-            :func:`egeunet.study.execute_run`. For dask it must be a picklable top-level
+            :func:`egeunet.notebook_runs.execute_run`. For dask it must be a picklable top-level
             function importable on the workers.
         log: where the dask executor writes the progress lines a run prints on its worker
             (a ``run_fn`` taking a ``log`` argument, like execute_run, sends them here);
@@ -87,7 +96,7 @@ def make_executor(
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise ValueError(f"executor: workers must be an integer >= 1, got {workers!r}")
-    if kind == "local":
+    if kind == ExecutorKind.LOCAL:
         if scheduler is not None:
             raise ValueError(
                 "executor: --scheduler applies to the dask executor only (use --executor dask)"
@@ -513,15 +522,15 @@ def default_worker_count() -> int:
 
 
 def default_run_function() -> RunFunction:
-    """:func:`egeunet.study.execute_run`, imported when first needed."""
-    from egeunet.study import execute_run
+    """:func:`egeunet.notebook_runs.execute_run`, imported when first needed."""
+    from egeunet.notebook_runs import execute_run
 
     return execute_run
 
 
 def failed_outcome(spec: RunSpec, error: str, seconds: float) -> RunOutcome:
     """A ``"failed"`` RunOutcome for a run that could not report one itself."""
-    from egeunet.study import RunOutcome
+    from egeunet.runfolder import RunOutcome
 
     return RunOutcome(
         run_id=spec.run_id, status="failed", error=error, seconds=float(seconds), metrics=None

@@ -32,19 +32,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from egeunet.backends import (
+    INPUT_NAME,
+    ONNX_FORMAT,
+    OUTPUT_NAME,
+    OnnxBackend,
+    TorchBackend,
+    metadata_key,
+    model_input_settings,
+)
 from egeunet.checkpoint import SHIPPED_WEIGHTS, load_model, resolve_weights
 from egeunet.data import normalize
-from egeunet.data.dataset import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
+from egeunet.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from egeunet.fileio import atomic_open, require_writable, sha256_file
-from egeunet.model import SIZE_MULTIPLE, fused_kernels
-from egeunet.predict import model_input_settings
+from egeunet.metrics import THRESHOLD
+from egeunet.model import SIZE_MULTIPLE, fused_kernels, is_image_size
 
-ONNX_FORMAT = "egeunet-onnx-v1"
 ONNX_OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "probability"
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
-DEFAULT_THRESHOLD = 0.5
 INPUT_SCALING = {
     "minmax": "per image, over all three channels: (x - min) * 255 / (max - min) of the "
     "RGB pixels 0..255 (an image of one value gives zeros)",
@@ -56,10 +61,6 @@ RESIZING = (
     "(PIL's Image.BILINEAR) before scaling; resize the probabilities back bilinearly "
     "(align_corners=False) and threshold them"
 )
-
-
-def _metadata_key(name: str) -> str:
-    return f"egeunet.{name}"
 
 
 class ProbabilityOutput(nn.Module):
@@ -86,7 +87,7 @@ def _fused_kernels_off() -> Iterator[None]:
 
 def check_size(size: int) -> int:
     """``size`` if it is a positive multiple of 32, else ValueError naming ``--size``."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % SIZE_MULTIPLE:
+    if not is_image_size(size):
         raise ValueError(f"--size: expected a positive multiple of {SIZE_MULTIPLE}, got {size!r}")
     return size
 
@@ -96,21 +97,21 @@ def onnx_metadata(
 ) -> dict[str, str]:
     """The ``metadata_props`` an exported file carries (every value a string)."""
     return {
-        _metadata_key("format"): ONNX_FORMAT,
-        _metadata_key("output"): "probability",
-        _metadata_key("output_description"): "sigmoid of the final map's logits, "
+        metadata_key("format"): ONNX_FORMAT,
+        metadata_key("output"): "probability",
+        metadata_key("output_description"): "sigmoid of the final map's logits, "
         "(batch, num_classes, height, width); channel 0 is the lesion",
-        _metadata_key("input_description"): "float32 (batch, 3, height, width), RGB, height "
+        metadata_key("input_description"): "float32 (batch, 3, height, width), RGB, height "
         f"and width multiples of {SIZE_MULTIPLE}",
-        _metadata_key("normalization"): normalization,
-        _metadata_key("input_scaling"): INPUT_SCALING[normalization],
-        _metadata_key("resizing"): RESIZING,
-        _metadata_key("image_size"): str(image_size),
-        _metadata_key("size_multiple"): str(SIZE_MULTIPLE),
-        _metadata_key("threshold"): str(DEFAULT_THRESHOLD),
-        _metadata_key("model_config"): json.dumps(model_config),
-        _metadata_key("source"): source.name,
-        _metadata_key("source_sha256"): sha256_file(source),
+        metadata_key("normalization"): normalization,
+        metadata_key("input_scaling"): INPUT_SCALING[normalization],
+        metadata_key("resizing"): RESIZING,
+        metadata_key("image_size"): str(image_size),
+        metadata_key("size_multiple"): str(SIZE_MULTIPLE),
+        metadata_key("threshold"): str(THRESHOLD),
+        metadata_key("model_config"): json.dumps(model_config),
+        metadata_key("source"): source.name,
+        metadata_key("source_sha256"): sha256_file(source),
     }
 
 
@@ -166,62 +167,6 @@ def export_onnx(
     return metadata
 
 
-class OnnxBackend:
-    """An ONNX file from :func:`export_onnx` in ONNX Runtime (CPU): lesion probabilities for
-    normalised batches, like :class:`egeunet.predict.TorchBackend`."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0) -> None:
-        if device not in ("auto", "cpu"):
-            raise ValueError(
-                f"device: the onnxruntime backend runs on the CPU only, got {device!r}"
-            )
-        self.source = Path(path)
-        if not self.source.is_file():
-            raise FileNotFoundError(f"ONNX model {self.source} does not exist")
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ValueError(
-                "the onnxruntime backend needs the onnxruntime package: pip install onnxruntime"
-            ) from None
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (physical cores)
-        options.log_severity_level = 3  # errors only
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(self.source), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # a foreign or damaged file fails in many ways
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"ONNX model {self.source} could not be read: {first_line}") from None
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.size, self.normalization = self._input_settings()
-
-    def _input_settings(self) -> tuple[int, str]:
-        found = self.metadata.get(_metadata_key("format"))
-        if found != ONNX_FORMAT:
-            raise ValueError(
-                f"ONNX model {self.source} was not written by `egeunet export` (metadata "
-                f"{_metadata_key('format')} is {found!r}, not {ONNX_FORMAT!r})"
-            )
-        size = self.metadata.get(_metadata_key("image_size"), "")
-        normalization = self.metadata.get(_metadata_key("normalization"))
-        if not size.isdigit() or int(size) % SIZE_MULTIPLE or normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"ONNX model {self.source} has damaged metadata: image_size {size!r}, "
-                f"normalization {normalization!r}"
-            )
-        return int(size), normalization
-
-    def probabilities(self, batch: Tensor) -> Tensor:
-        """``(B, S, S)`` float32 lesion probabilities of a normalised ``(B, 3, S, S)`` batch."""
-        pixels = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        (probability,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
-        return torch.from_numpy(probability[:, 0])
-
-
 def check_image(size: int) -> np.ndarray:
     """A smooth (size, size, 3) uint8 picture of a dark oval on skin tones, for a check
     that needs no data."""
@@ -235,8 +180,6 @@ def check_image(size: int) -> np.ndarray:
 def largest_difference(onnx_file: str | os.PathLike, weights: str | os.PathLike) -> float:
     """Largest difference between the probabilities ONNX Runtime and PyTorch give for
     :func:`check_image` at the model's input size."""
-    from egeunet.predict import TorchBackend
-
     onnx_backend = OnnxBackend(onnx_file)
     torch_backend = TorchBackend(weights, "cpu")
     pixels = torch.from_numpy(check_image(onnx_backend.size)).permute(2, 0, 1)
@@ -249,13 +192,13 @@ def largest_difference(onnx_file: str | os.PathLike, weights: str | os.PathLike)
 def run_export(args: argparse.Namespace) -> int:
     metadata = export_onnx(args.weights, args.out, args.size, args.overwrite)
     difference = largest_difference(args.out, args.weights)
-    size = metadata[_metadata_key("image_size")]
+    size = metadata[metadata_key("image_size")]
     print(
         f"wrote {args.out}: input {INPUT_NAME} float32 (batch, 3, height, width), height and "
         f"width multiples of {SIZE_MULTIPLE} (trained at {size}); output {OUTPUT_NAME} "
         f"(lesion probabilities)\n"
-        f"input scaling ({metadata[_metadata_key('normalization')]}): "
-        f"{metadata[_metadata_key('input_scaling')]}\n"
+        f"input scaling ({metadata[metadata_key('normalization')]}): "
+        f"{metadata[metadata_key('input_scaling')]}\n"
         f"ONNX Runtime vs PyTorch on a test image: largest probability difference "
         f"{difference:.1e}"
     )

@@ -16,10 +16,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from egeunet.fileio import atomic_open
+from egeunet.overlay import PREDICTION_COLOUR, TRUTH_COLOUR, overlay
 
 FIGURE_FORMATS = ("png", "svg")
-LESION_COLOUR = (1.0, 0.2, 0.2)
-TRUTH_COLOUR = (0.1, 0.9, 0.2)
 
 
 def save_figure(
@@ -52,23 +51,10 @@ def save_figure(
 
 
 def overlay_mask(
-    image: np.ndarray, mask: np.ndarray, colour: Sequence[float] = LESION_COLOUR, alpha: float = 0.4
+    image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = PREDICTION_COLOUR
 ) -> np.ndarray:
-    """Blend a binary ``mask`` (H, W) onto an RGB ``image`` (H, W, 3) uint8; returns float RGB
-    in [0, 1] with the lesion tinted and its boundary drawn fully opaque."""
-    rgb = image.astype(np.float32) / 255.0
-    inside = mask.astype(bool)
-    tint = np.asarray(colour, dtype=np.float32)
-    rgb[inside] = (1 - alpha) * rgb[inside] + alpha * tint
-    rgb[_boundary(inside)] = tint
-    return np.clip(rgb, 0.0, 1.0)
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with at least one 4-neighbour outside it."""
-    padded = np.pad(mask, 1, mode="edge")
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
-    return mask & ~interior
+    """:func:`egeunet.overlay.overlay` as float RGB in [0, 1], for matplotlib."""
+    return overlay(image, mask, colour).astype(np.float32) / 255.0
 
 
 def picture_grid(pictures: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4) -> Figure:
@@ -296,7 +282,7 @@ def case_grid(
         panels = (
             images[row] / 255.0,
             overlay_mask(images[row], masks[row], TRUTH_COLOUR),
-            overlay_mask(images[row], predictions[row], LESION_COLOUR),
+            overlay_mask(images[row], predictions[row], PREDICTION_COLOUR),
         )
         for column, (axis, picture) in enumerate(zip(axes[row], panels, strict=True)):
             axis.imshow(picture)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from egeunet import figures
 from egeunet.data import normalize
+from egeunet.metrics import THRESHOLD
 from egeunet.predict import (
     find_inputs,
     load_backend,
@@ -118,7 +119,9 @@ class LesionExplorer:
     given another name. The threshold applies without running the model again.
     """
 
-    def __init__(self, segmenter: Segmenter, threshold: float = 0.5, pixel_size_mm: float = 0.0):
+    def __init__(
+        self, segmenter: Segmenter, threshold: float = THRESHOLD, pixel_size_mm: float = 0.0
+    ):
         self.segmenter = segmenter
         self.threshold = threshold
         self.pixel_size_mm = pixel_size_mm

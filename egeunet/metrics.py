@@ -27,6 +27,12 @@ evaluated image.
 
 :class:`MetricAccumulator` takes batches, keeping only a confusion matrix and a few
 scalars per image, so a split never has to be held in memory.
+
+:data:`METRICS` is the registry every display derives from: history columns
+(``val_<key>`` for per-epoch metrics), the per-epoch line, the ``egeunet train`` /
+``evaluate`` summary, the study's progress lines and the report's tables. A new metric is
+one :class:`Metric` entry plus the function that computes it (in
+:meth:`ConfusionCounts.metrics` or :func:`summarize_per_image`) and its test.
 """
 
 from __future__ import annotations
@@ -41,17 +47,95 @@ from scipy import ndimage
 
 REDUCTIONS = ("pooled", "per_image")
 THRESHOLD = 0.5
+"""The lesion probability threshold of every metric, prediction and default option."""
 ISIC_JACCARD_CUTOFF = 0.65
-POOLED_KEYS = ("iou", "dsc", "accuracy", "specificity", "sensitivity")
-PER_IMAGE_KEYS = (
-    "dsc_mean",
-    "dsc_median",
-    "iou_mean",
-    "iou_median",
-    "isic_score",
-    "hd95_mean",
-    "hd95_median",
-)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of a metrics.json document: ``document[reduction][key]``.
+
+    Attributes:
+        key: its name inside its reduction, e.g. ``dsc`` or ``hd95_mean``.
+        reduction: ``pooled`` (one confusion matrix over the split) or ``per_image``.
+        label: how tables and summaries name it.
+        unit: ``"%"`` for ratios (stored in [0, 1], shown x100) or a unit such as ``px``.
+        higher_is_better: the direction of improvement.
+        per_epoch: also computed at every validation, as history column ``val_<key>``.
+        progress: shown in the per-epoch line and the study's progress lines.
+        headline: the one figure that sums up a run (the study's end-of-run line).
+        main_table: a row of the report's main results table.
+    """
+
+    key: str
+    reduction: str
+    label: str
+    unit: str = "%"
+    higher_is_better: bool = True
+    per_epoch: bool = False
+    progress: bool = False
+    headline: bool = False
+    main_table: bool = True
+
+    @property
+    def percent(self) -> bool:
+        return self.unit == "%"
+
+    @property
+    def history_column(self) -> str:
+        return f"val_{self.key}"
+
+    @property
+    def run_column(self) -> str:
+        """Its column in the report's table of runs: ``pooled_<key>`` or ``image_<key>``."""
+        return f"{'pooled' if self.reduction == 'pooled' else 'image'}_{self.key}"
+
+    @property
+    def titled(self) -> str:
+        """The label with its unit where that is not percent, e.g. "HD95 mean (px)"."""
+        return self.label if self.percent else f"{self.label} ({self.unit})"
+
+    def shown(self, value: float) -> float:
+        """``value`` as displayed: x100 for a percentage."""
+        return 100 * value if self.percent else value
+
+
+METRICS = (
+    Metric("iou", "pooled", "IoU (paper's mIoU)", per_epoch=True, progress=True),
+    Metric("dsc", "pooled", "DSC", per_epoch=True, progress=True, headline=True),
+    Metric("accuracy", "pooled", "accuracy", per_epoch=True),
+    Metric("specificity", "pooled", "specificity", per_epoch=True),
+    Metric("sensitivity", "pooled", "sensitivity", per_epoch=True),
+    Metric("dsc_mean", "per_image", "DSC mean", per_epoch=True),
+    Metric("dsc_median", "per_image", "DSC median", main_table=False),
+    Metric("iou_mean", "per_image", "IoU mean", per_epoch=True),
+    Metric("iou_median", "per_image", "IoU median", main_table=False),
+    Metric("isic_score", "per_image", "ISIC 2017 score"),
+    Metric("hd95_mean", "per_image", "HD95 mean", unit="px", higher_is_better=False),
+    Metric(
+        "hd95_median", "per_image", "HD95 median", unit="px", higher_is_better=False,
+        main_table=False,
+    ),
+)  # fmt: skip
+"""Every metric, pooled first, in the order files and tables list them."""
+
+POOLED_KEYS = tuple(m.key for m in METRICS if m.reduction == "pooled")
+PER_IMAGE_KEYS = tuple(m.key for m in METRICS if m.reduction == "per_image")
+EPOCH_METRICS = tuple(m for m in METRICS if m.per_epoch)
+PROGRESS_METRICS = tuple(m for m in METRICS if m.progress)
+HEADLINE = next(m for m in METRICS if m.headline)
+
+
+def metric_for_column(column: str) -> Metric | None:
+    """The metric of a report column (``pooled_dsc``, ``image_hd95_mean``), or None."""
+    return next((m for m in METRICS if m.run_column == column), None)
+
+
+def epoch_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """History columns ``val_<key>`` of the per-epoch metrics from ``results`` (both reductions)."""
+    return {m.history_column: results[m.reduction][m.key] for m in EPOCH_METRICS}
+
+
 _SURFACE_STRUCTURE = ndimage.generate_binary_structure(2, 1)
 
 

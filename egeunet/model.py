@@ -44,6 +44,16 @@ NUM_LEVELS = 5
 SIZE_MULTIPLE = 2**NUM_LEVELS
 
 
+def is_image_size(size: object) -> bool:
+    """Whether ``size`` is a side EGE-UNet takes: a positive multiple of SIZE_MULTIPLE (32)."""
+    return (
+        isinstance(size, int)
+        and not isinstance(size, bool)
+        and size > 0
+        and not size % SIZE_MULTIPLE
+    )
+
+
 @dataclass(frozen=True)
 class EGEUNetConfig:
     """Everything that defines an EGE-UNet variant.

@@ -36,39 +36,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from egeunet.checkpoint import LoadedModel, load_model, resolve_weights
+from egeunet.backends import (  # noqa: F401  (the backends were defined here before)
+    BACKENDS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_NORMALIZATION,
+    TorchBackend,
+    load_backend,
+    model_input_settings,
+    resolve_device,
+)
 from egeunet.data import normalize
-from egeunet.data.dataset import NORMALIZATIONS
 from egeunet.data.prepare import DECODE_ERRORS, image_error, open_for_model_input, to_rgb
 from egeunet.fileio import atomic_open, require_writable, sha256_file, write_json_atomic
+from egeunet.metrics import THRESHOLD
+from egeunet.overlay import PREDICTION_COLOUR, TRUTH_COLOUR, overlay
 
-TRUTH_COLOUR = (0, 200, 0)
-PREDICTION_COLOUR = (255, 40, 40)
-DEFAULT_IMAGE_SIZE = 256
-DEFAULT_NORMALIZATION = "minmax"
 OUTPUT_SUFFIXES = {"mask": "_mask.png", "overlay": "_overlay.png"}
 SUMMARY_FILE = "summary.json"
-BACKENDS = ("torch", "onnxruntime")
 MANIFEST_FILE = ".egeunet-predict.json"
 
 
 # --- Pictures ----------------------------------------------------------------------------
-
-
-def overlay(
-    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.35
-) -> np.ndarray:
-    """Tint ``mask`` (H, W) bool on ``image`` (H, W, 3) uint8 and draw its outline solid."""
-    mask = np.asarray(mask, dtype=bool)
-    result = image.astype(np.float32)
-    tint = np.asarray(colour, np.float32)
-    result[mask] = (1 - alpha) * result[mask] + alpha * tint
-    inner = mask.copy()
-    inner[1:-1, 1:-1] = (
-        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    )
-    result[mask & ~inner] = tint
-    return result.round().astype(np.uint8)
 
 
 def comparison_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -221,19 +209,6 @@ class PredictSummary:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> CUDA when available, else CPU; anything else must name an available device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available")
-    return device
-
-
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -249,37 +224,6 @@ def probabilities_at_original_size(
         F.interpolate(p[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0].cpu()
         for p, hw in zip(probabilities, sizes, strict=True)
     ]
-
-
-class TorchBackend:
-    """A checkpoint's model in PyTorch: lesion probabilities for normalised batches."""
-
-    name = "torch"
-
-    def __init__(self, weights: str | os.PathLike, device: str = "auto") -> None:
-        self.source = resolve_weights(weights)
-        loaded = load_model(self.source)
-        self.size, self.normalization = model_input_settings(loaded, self.source)
-        self.device = resolve_device(device)
-        self.model = loaded.model.to(self.device)
-
-    @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, S, S)`` float32 lesion probabilities of a normalised ``(B, 3, S, S)`` batch."""
-        return torch.sigmoid(self.model(batch.to(self.device))[0][:, 0].float())
-
-
-def load_backend(weights: str | os.PathLike, backend: str = "torch", device: str = "auto"):
-    """The model to segment with: :class:`TorchBackend` for a checkpoint (file or shipped
-    name), or :class:`egeunet.export.OnnxBackend` for an ONNX file ``egeunet export``
-    wrote. Both have ``size``, ``normalization`` and ``probabilities(batch)``."""
-    if backend == "torch":
-        return TorchBackend(weights, device)
-    if backend == "onnxruntime":
-        from egeunet.export import OnnxBackend  # imports onnxruntime only when it is used
-
-        return OnnxBackend(weights, device)
-    raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 class OutputRecord:
@@ -355,30 +299,11 @@ def output_names(stem: Path, overlays: bool) -> dict[str, str]:
     return {kind: stem.with_name(stem.name + suffix).as_posix() for kind, suffix in kinds.items()}
 
 
-def model_input_settings(loaded: LoadedModel, checkpoint: str | os.PathLike) -> tuple[int, str]:
-    """(image size, normalization) the checkpoint's model was trained with (defaults for
-    checkpoints that do not say); ValueError naming the checkpoint for unusable values."""
-    train_config = loaded.train_config or {}
-    size = train_config.get("image_size", DEFAULT_IMAGE_SIZE)
-    normalization = train_config.get("normalization", DEFAULT_NORMALIZATION)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32:
-        raise ValueError(
-            f"checkpoint {checkpoint} has a damaged train config: image_size {size!r} is not "
-            "a positive multiple of 32"
-        )
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"checkpoint {checkpoint} has a damaged train config: normalization "
-            f"{normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
-        )
-    return size, normalization
-
-
 def predict(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     output: str | os.PathLike,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     batch_size: int = 8,
     device: str = "auto",
     recursive: bool = False,

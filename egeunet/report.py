@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from egeunet import figures
-from egeunet.cases import CASES_FILE, case_figure
+from egeunet.cases import case_figure
 from egeunet.fileio import sha256_file, write_json_atomic, write_text_atomic
 from egeunet.findings import Findings, dataset_name, findings
 from egeunet.references import (
@@ -68,6 +68,7 @@ from egeunet.report_tables import (
     model_variants,
     variant_order,
 )
+from egeunet.runfolder import CASES_FILE, RunFolder
 from egeunet.study_runs import LOCAL_COLUMNS, stage_summary
 
 RUNS_DIR = "runs"
@@ -470,7 +471,7 @@ def _per_image_section(writer: _Writer, tables: StudyTables) -> None:
     writer.table("cases", cases, cases.assign(dsc=[number(v, 1) for v in cases["dsc"]]))
     run_dirs = tables.runs.set_index("run_id")["run_dir"]
     for run_id in dict.fromkeys(cases["run_id"]):
-        if not (Path(run_dirs[run_id]) / CASES_FILE).is_file():
+        if not RunFolder(Path(run_dirs[run_id])).cases.is_file():
             writer.text(
                 f"\n_No pictures of {run_id}'s cases: its `{CASES_FILE}` (dataset pixels) is "
                 "not in the run folder; committed run folders never keep it._\n"

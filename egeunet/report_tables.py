@@ -27,8 +27,10 @@ from scipy import stats
 from egeunet import study_runs
 from egeunet.cases import CASE_LABELS, pick_cases
 from egeunet.engine import TEST_SELECTION, TrainConfig
+from egeunet.metrics import METRICS, metric_for_column
 from egeunet.model import EGEUNetConfig
 from egeunet.references import reference_figures
+from egeunet.runfolder import RunFolder
 
 FULL_MODEL = EGEUNetConfig().name
 """Variant name of the published model, the one every ablation is compared with."""
@@ -43,16 +45,8 @@ COMPLEXITY_CSV = Path("runs") / "02_complexity" / "complexity.csv"
 """Where ``02_complexity`` writes its table, relative to the study folder."""
 
 # (column in the runs table, label, convention) for the main results table.
-MAIN_METRICS = (
-    ("pooled_iou", "IoU (paper's mIoU)", "pooled"),
-    ("pooled_dsc", "DSC", "pooled"),
-    ("pooled_accuracy", "accuracy", "pooled"),
-    ("pooled_specificity", "specificity", "pooled"),
-    ("pooled_sensitivity", "sensitivity", "pooled"),
-    ("image_dsc_mean", "DSC mean", "per image"),
-    ("image_iou_mean", "IoU mean", "per image"),
-    ("image_isic_score", "ISIC 2017 score", "per image"),
-    ("image_hd95_mean", "HD95 mean (px)", "per image"),
+MAIN_METRICS = tuple(
+    (m.run_column, m.titled, m.reduction.replace("_", " ")) for m in METRICS if m.main_table
 )
 # (runs column, comparison-table column) of the headline metrics, both conventions.
 HEADLINE_METRICS = (
@@ -67,7 +61,6 @@ PAIRED_METRICS = (
     ("pooled_iou", "IoU (pooled)"),
     ("image_dsc_mean", "DSC (per image)"),
 )
-PERCENT_PREFIXES = ("pooled_", "image_dsc", "image_iou", "image_isic")
 
 
 # ---------------------------------------------------------------- helpers
@@ -83,7 +76,8 @@ def variant_order(variants: list[str] | pd.Series) -> list[str]:
 def _scaled(runs: pd.DataFrame, column: str) -> pd.Series:
     """A metric column as numbers, in percent where it is a ratio."""
     values = pd.to_numeric(runs[column], errors="coerce")
-    return 100 * values if column.startswith(PERCENT_PREFIXES) else values
+    metric = metric_for_column(column)
+    return metric.shown(values) if metric is not None else values
 
 
 def _mean_sd(values: pd.Series) -> tuple[float, float]:
@@ -466,7 +460,7 @@ def cases_table(runs: pd.DataFrame, full_model: str = FULL_MODEL) -> pd.DataFram
     full = runs[runs["variant"] == full_model]
     for (dataset, protocol), group in full.groupby(["dataset", "protocol"], sort=True):
         for _, run in group.sort_values("seed").iterrows():
-            path = Path(run["run_dir"]) / "per_image.csv"
+            path = RunFolder(Path(run["run_dir"])).per_image
             if not path.is_file():
                 continue
             per_image = pd.read_csv(path)

@@ -9,19 +9,17 @@ study runner's ``outcome.json``, plus the study file when one is given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from egeunet.model import EGEUNetConfig
-from egeunet.study import OUTCOME_FILE, planned_runs
+from egeunet.runfolder import HISTORY_FILE, PER_IMAGE_FILE, RunFolder, read_json
+from egeunet.study_files import planned_runs
 
 IDENTITY = ("run_id", "dataset", "protocol", "variant", "seed")
 """Columns that name a run, copied onto every row of its stacked CSV files."""
 
-HARDWARE_KEYS = ("host", "hostname", "platform", "machine", "processor", "cpu", "cpu_count")
-"""Optional config.json keys describing the machine, shown when a run recorded them."""
 
 DONE, UNFINISHED, FAILED, NOT_STARTED = "done", "unfinished", "failed", "not started"
 NOT_IN_STUDY = "not in the study file"
@@ -29,18 +27,7 @@ NOT_IN_STUDY = "not in the study file"
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def _training_config(config_doc: dict) -> dict:
-    """The TrainConfig fields of a run's config.json, whether stored flat or nested."""
-    for key in ("config", "train_config"):
-        if isinstance(config_doc.get(key), dict):
-            return config_doc[key]
-    return config_doc
+    return read_json(path) or {}
 
 
 def _hashes(document: dict) -> dict[str, str]:
@@ -48,8 +35,6 @@ def _hashes(document: dict) -> dict[str, str]:
     for key, value in document.items():
         if isinstance(value, str) and "hash" in key:
             found[key] = value
-        elif isinstance(value, dict) and key in ("data", "dataset", "manifest"):
-            found.update({f"{key}.{k}": v for k, v in _hashes(value).items()})
     return found
 
 
@@ -60,12 +45,13 @@ def read_run(run_dir: str | Path) -> dict:
     recorded in config.json. ``variant`` is the model's name until
     :func:`collect_runs` gives same-model study variants their study names."""
     run_dir = Path(run_dir)
-    for name in ("config.json", "metrics.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir}: no {name}; is this a finished run folder?")
-    config_doc = _read_json(run_dir / "config.json")
-    metrics = _read_json(run_dir / "metrics.json")
-    config = _training_config(config_doc)
+    run = RunFolder(run_dir)
+    for path in (run.config, run.metrics):
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {path.name}; is this a finished run folder?")
+    config_doc = _read_json(run.config)
+    metrics = _read_json(run.metrics)
+    config = config_doc.get("config") or {}
     model_name = EGEUNetConfig(**(config.get("model") or metrics.get("model") or {})).name
     row = {
         "run_id": run_dir.name,
@@ -111,22 +97,19 @@ def run_folders(runs_dir: str | Path) -> list[Path]:
         for p in runs_dir.iterdir()
         if p.is_dir()
         and not p.name.startswith(("01_data-", "02_complexity", "05_inference"))
-        and any((p / name).is_file() for name in ("config.json", "history.csv", OUTCOME_FILE))
+        and RunFolder(p).looks_like_training_run()
     )
 
 
 def _failed_outcome(run_dir: Path) -> dict | None:
     """The study runner's outcome of ``run_dir`` if its last attempt failed, else None."""
-    path = run_dir / OUTCOME_FILE
-    if not path.is_file():
-        return None
-    outcome = _read_json(path)
+    outcome = _read_json(RunFolder(run_dir).outcome)
     return outcome if outcome.get("status") == "failed" else None
 
 
 def _is_done(run_dir: Path) -> bool:
     """A finished run: metrics.json written and no failed last attempt."""
-    return (run_dir / "metrics.json").is_file() and _failed_outcome(run_dir) is None
+    return RunFolder(run_dir).metrics.is_file() and _failed_outcome(run_dir) is None
 
 
 def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
@@ -201,19 +184,19 @@ def _per_run_csv(runs: pd.DataFrame, filename: str) -> pd.DataFrame:
 
 def collect_histories(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run's history.csv, stacked, with the run's identity columns."""
-    return _per_run_csv(runs, "history.csv")
+    return _per_run_csv(runs, HISTORY_FILE)
 
 
 def collect_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run's per_image.csv, stacked, with the run's identity columns."""
-    return _per_run_csv(runs, "per_image.csv")
+    return _per_run_csv(runs, PER_IMAGE_FILE)
 
 
 # ---------------------------------------------------------------- progress and cost
 
 
 def _history(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "history.csv"
+    path = RunFolder(run_dir).history
     try:
         return pd.read_csv(path) if path.is_file() else pd.DataFrame()
     except pd.errors.EmptyDataError:
@@ -228,7 +211,6 @@ def _hardware(config_doc: dict) -> str:
     threads = config_doc.get("num_threads")
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    parts += [f"{key} {config_doc[key]}" for key in HARDWARE_KEYS if config_doc.get(key)]
     return ", ".join(parts)
 
 
@@ -238,24 +220,25 @@ def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict
     training wall time so far (sum of history ``seconds``), the median training images
     per second over its epochs, its hardware and the torch version and commit it ran."""
     run_dir = Path(run_dir)
-    config_doc = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    run = RunFolder(run_dir)
+    config_doc = _read_json(run.config)
     history = _history(run_dir)
     if _failed_outcome(run_dir) is not None:
         status = FAILED
     elif _is_done(run_dir):
         status = DONE
-    elif len(history) or (run_dir / "checkpoints" / "last.pt").is_file():
+    elif len(history) or run.last.is_file():
         status = UNFINISHED
     else:
         status = NOT_STARTED
-    epochs = _training_config(config_doc).get("epochs") if config_doc else None
+    epochs = (config_doc.get("config") or {}).get("epochs")
     speed = history["images_per_second"] if "images_per_second" in history else pd.Series()
     seconds = history["seconds"].sum() if "seconds" in history else float("nan")
     return {
         "status": status,
         "epochs_done": len(history),
         "epochs_planned": epochs if epochs is not None else planned_epochs,
-        "resumable": status == UNFINISHED and (run_dir / "checkpoints" / "last.pt").is_file(),
+        "resumable": status == UNFINISHED and run.last.is_file(),
         "wall_hours": seconds / 3600 if len(history) else float("nan"),
         "images_per_second": speed.median() if len(speed) else float("nan"),
         "hardware": _hardware(config_doc),

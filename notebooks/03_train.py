@@ -11,92 +11,71 @@
 # %% [markdown]
 # # 03 · Train and evaluate one run
 #
-# One training run with the published recipe (AdamW, cosine schedule, BceDice with deep
-# supervision), then its evaluation on the protocol's test part. Everything lands in
+# One training run, then its evaluation on the protocol's test part. Everything lands in
 # `run_dir`: `config.json`, `history.csv`, `checkpoints/`, `metrics.json`,
-# `per_image.csv`, `predictions/` and `cases.npz` (best, median and worst test images).
-# The study runner executes this notebook once per run; interrupted runs continue from
-# `checkpoints/last.pt` with `resume=True`.
+# `per_image.csv`, `predictions/` and `cases.npz` (best, median and worst test images),
+# the same run folder `egeunet train` writes.
+#
+# **Recipes.** `recipe = "quick"` (the default) trains for 5 epochs on 64 images of the
+# embedded synthetic data at 64x64: **a few minutes on a 2-core laptop**, enough to see
+# every output of a run, not how well EGE-UNet segments. `recipe = "published"` is the
+# paper's recipe (AdamW 1e-3, cosine schedule, batch 8, **300 epochs at 256x256**): on
+# ISIC 2017 (1500 training images) one epoch takes about 5 minutes on one CPU core, so
+# the whole run takes about a day on a CPU and well under an hour on a GPU. For it, set
+# `recipe = "published"` and `train = {"dataset": "isic2017", "data_root": "data/isic2017"}`
+# (docs/data.md), or run it from a terminal:
+# `egeunet train --dataset isic2017 --data-root data/isic2017 --run-dir runs/isic2017`.
+#
+# **`train`** overrides any field of the recipe (`egeunet.engine.TrainConfig`; model
+# switches under `model`), e.g. `{"epochs": 20, "model": {"gab": False}}`.
+#
+# **Running it again.** With `if_exists = "resume"` a second Run All continues the run in
+# `run_dir` (or just shows it, when it has finished); it must have the same settings
+# (more epochs are fine). To start over with other settings, set `if_exists = "restart"`
+# (the old run in `run_dir` is deleted) or choose another `run_dir`. The study runner
+# executes this notebook once per run with the whole configuration in `train`.
 
 # %% tags=["parameters"]
-dataset: str = "synthetic"  # synthetic, isic2017, isic2018 or folder
-data_root: str = ""  # folder holding the dataset's files; "" for synthetic
-protocol: str = "paper"  # paper (test-set model selection, as published), clean or challenge
-image_size: int = 256  # side of the square inputs, a multiple of 32
-ghpa: bool = True  # GHPA blocks in encoder stages 4-6 and decoder blocks 1-3
-gab: bool = True  # group aggregation bridges on the skips
-deep_supervision: bool = True  # side outputs at five decoder levels, weighted in the loss
-ghpa_branches: list[str] = ["hw", "ch", "cw", "dw"]  # active GHPA branches
-gab_dilations: list[int] = [1, 2, 5, 7]  # dilation of each GAB group
-epochs: int = 300  # training epochs
-batch_size: int = 8  # images per batch
-lr: float = 0.001  # AdamW learning rate
-weight_decay: float = 0.01  # AdamW weight decay
-seed: int = 42  # seed of weights, batches and augmentation
-normalization: str = "minmax"  # minmax (published) or imagenet
-per_run_angle: bool = False  # reproduce the published one-angle-per-run rotation bug
-val_interval: int = 1  # evaluate every this many epochs
-max_train_images: int = 0  # train on the first N training images; 0 for all
-max_eval_images: int = 0  # evaluate on the first N images; 0 for all
-device: str = "auto"  # auto, cpu, cuda or cuda:N
+recipe: str = "quick"  # quick (synthetic data, minutes) or published (300 epochs, 256x256)
+train: dict = {}  # TrainConfig fields on top of the recipe, e.g. {"epochs": 20}
+run_dir: str = "runs/notebook"  # the run folder; a relative path starts at the project root
+if_exists: str = "resume"  # resume (continue the run in run_dir) or restart (delete it first)
 num_threads: int = 0  # torch threads; 0: the cores other processes leave free
-run_dir: str = "runs/notebook"  # the run folder (relative paths start at the working directory)
-resume: bool = False  # continue from run_dir/checkpoints/last.pt
+progress: bool = True  # progress bars (widgets in JupyterLab); the study runner prints lines
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 import torch
 from IPython.display import Image, display
 
 from egeunet import figures
-from egeunet.cases import case_figure, save_run_cases
-from egeunet.engine import TrainConfig, train
+from egeunet.cases import case_figure
+from egeunet.engine import TrainConfig, train_run
+from egeunet.paths import resolve_existing, resolve_output
+from egeunet.runfolder import RunFolder
 
 if num_threads:
     torch.set_num_threads(num_threads)
-config = TrainConfig.from_dict(
-    {
-        "dataset": dataset,
-        "data_root": data_root or None,
-        "protocol": protocol,
-        "image_size": image_size,
-        "model": {
-            "ghpa": ghpa,
-            "gab": gab,
-            "deep_supervision": deep_supervision,
-            "ghpa_branches": ghpa_branches,
-            "gab_dilations": gab_dilations,
-        },
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "normalization": normalization,
-        "per_run_angle": per_run_angle,
-        "val_interval": val_interval,
-        "max_train_images": max_train_images or None,
-        "max_eval_images": max_eval_images or None,
-        "device": device,
-    }
-)
-print(config.model.name, config)
+settings = dict(train)
+if settings.get("data_root"):
+    settings["data_root"] = str(resolve_existing(settings["data_root"], "train.data_root"))
+config = TrainConfig.from_recipe(recipe, settings)
+run = RunFolder(resolve_output(run_dir))
+print(f"{recipe} recipe, {config.model.name}: {config}")
 
 # %% [markdown]
 # ## Training
-# One line per epoch (the study runner also reports them from `history.csv`).
+# A progress bar per epoch and one line per epoch (the study runner also reports them
+# from `history.csv`).
 
 # %%
-metrics = train(config, run_dir, resume=resume, progress=False, threads=num_threads or None)
-save_run_cases(run_dir, device=device)
+metrics = train_run(config, run.root, if_exists, progress=progress, threads=num_threads)
 
 # %% [markdown]
 # ## Learning curves
 
 # %%
-history = pd.read_csv(Path(run_dir) / "history.csv").assign(variant=config.model.name, seed=seed)
+history = pd.read_csv(run.history).assign(variant=config.model.name, seed=config.seed)
 figures.show(figures.learning_curves(history))
 
 # %% [markdown]
@@ -119,8 +98,8 @@ pd.DataFrame(
 # worst test images by per-image DSC.
 
 # %%
-for panel in sorted((Path(run_dir) / "predictions").glob("*.png"))[:4]:
+for panel in sorted(run.predictions.glob("*.png"))[:4]:
     display(Image(filename=str(panel)))
 
 # %%
-figures.show(case_figure(run_dir))
+figures.show(case_figure(run.root))

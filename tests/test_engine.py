@@ -25,8 +25,10 @@ from egeunet.engine import (
     protocol_splits,
     train,
 )
+from egeunet.engine import protocols as engine_protocols
+from egeunet.engine import trainer as engine_trainer
 from egeunet.losses import DeepSupervisionLoss
-from egeunet.model import EGEUNetConfig
+from egeunet.model import EGEUNet, EGEUNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "synthetic_cache")
 
@@ -45,7 +47,7 @@ def read_history(run_dir):
 
 def test_run_folder_contents(finished_run, capsys):
     run_dir, metrics = finished_run
-    for name in ("config.json", "history.csv", "metrics.json", "per_image.csv"):
+    for name in ("config.json", "history.csv", "metrics.json", "per_image.csv", "cases.npz"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert (run_dir / "checkpoints" / "best.pt").is_file()
@@ -58,9 +60,7 @@ def test_run_folder_contents(finished_run, capsys):
         "dsc_mean", "dsc_median", "iou_mean", "iou_median", "isic_score", "hd95_mean", "hd95_median"
     }  # fmt: skip
     assert metrics["split"] == "test" and metrics["num_images"] == 4
-    assert metrics["num_parameters"] == sum(
-        p.numel() for p in engine.EGEUNet(TINY_MODEL).parameters()
-    )
+    assert metrics["num_parameters"] == sum(p.numel() for p in EGEUNet(TINY_MODEL).parameters())
     assert metrics["model"]["widths"] == [4, 4, 8, 8, 12, 12]
     assert metrics["pooled"]["dsc"] == pytest.approx(
         2 * metrics["pooled"]["iou"] / (1 + metrics["pooled"]["iou"])
@@ -96,6 +96,7 @@ def test_evaluate_reproduces_the_final_metrics(finished_run):
     assert document["per_image"] == pytest.approx(metrics["per_image"])
     out = run_dir / "evaluations" / "best-test"
     assert (out / "metrics.json").is_file() and (out / "per_image.csv").is_file()
+    assert (out / "cases.npz").is_file()  # the same writer as a finished run's
     train_part = evaluate(run_dir / "checkpoints" / "best.pt", "train", output=run_dir / "ev")
     assert train_part["num_images"] == 12
 
@@ -137,8 +138,13 @@ def test_resume_refusals(finished_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"last\.pt"):
         train(TINY, tmp_path / "empty", resume=True, progress=False)
     changed = TrainConfig.from_dict({**TINY.to_dict(), "lr": 0.01})
-    with pytest.raises(ValueError, match=r"changed: lr"):
+    with pytest.raises(ValueError, match=r"changed: lr \(0\.001 -> 0\.01\)\. Keep .*restart"):
         train(changed, run_dir, resume=True, progress=False)
+    switched = TrainConfig.from_dict(
+        {**TINY.to_dict(), "model": {**TINY_MODEL.to_dict(), "gab": False}}
+    )
+    with pytest.raises(ValueError, match=r"changed: model\.gab \(True -> False\)"):
+        train(switched, run_dir, resume=True, progress=False)
     # Fewer epochs than already trained: returning the longer run's metrics (and rewriting
     # config.json to the shorter count) would misreport the run.
     config_before = (run_dir / "config.json").read_text()
@@ -160,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                     return loss * float("nan")
             return loss
 
-    monkeypatch.setattr(engine, "DeepSupervisionLoss", PoisonedLoss)
+    monkeypatch.setattr(engine_trainer, "DeepSupervisionLoss", PoisonedLoss)
     run_dir = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 2.*last\.pt \(epoch 1\)"):
         train(TINY, run_dir, progress=False)
@@ -279,6 +285,41 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
 
 
+def test_restart_discards_the_old_run_and_steps_reach_the_callback(tmp_path):
+    run_dir = tmp_path / "again"
+    train(TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1}), run_dir, progress=False)
+    (run_dir / "predictions" / "stale.png").write_bytes(b"")
+    steps = []
+    shorter = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1, "lr": 0.01})
+    metrics = train(
+        shorter, run_dir, restart=True, progress=False,
+        on_step_end=lambda trainer, loss: steps.append((trainer.state.epoch, float(loss))),
+    )  # fmt: skip
+    assert len(steps) == 3 and all(epoch == 0 and math.isfinite(v) for epoch, v in steps)
+    assert not (run_dir / "predictions" / "stale.png").exists()
+    assert json.loads((run_dir / "config.json").read_text())["config"]["lr"] == 0.01
+    assert metrics["epochs"] == 1 and len(read_history(run_dir)) == 1
+    with pytest.raises(ValueError, match="not both"):
+        train(shorter, run_dir, resume=True, restart=True, progress=False)
+
+
+def test_a_rerun_in_the_same_folder_continues_or_restarts_never_a_dead_end(tmp_path):
+    from egeunet.engine import train_run
+
+    run_dir = tmp_path / "notebook"
+    once = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1})
+    first = train_run(once, run_dir, "resume")  # an empty folder: a new run
+    assert train_run(once, run_dir, "resume") == first  # finished: its metrics again
+    longer = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 2})
+    assert train_run(longer, run_dir, "resume")["epochs"] == 2  # continued
+    other = TrainConfig.from_dict({**TINY.to_dict(), "epochs": 1, "batch_size": 3})
+    with pytest.raises(ValueError, match=r"changed: batch_size \(4 -> 3\).*if_exists='restart'"):
+        train_run(other, run_dir, "resume")
+    assert train_run(other, run_dir, "restart")["epochs"] == 1
+    with pytest.raises(ValueError, match=r"if_exists: expected resume .* or restart"):
+        train_run(other, run_dir, "again")
+
+
 def test_progress_line_has_the_fields(capsys):
     progress = engine.Progress(False, total_epochs=10)
     row = {"epoch": 2, "train_loss": 0.5, "val_loss": 0.4, "val_dsc": 0.8, "lr": 1e-3,
@@ -311,7 +352,9 @@ def test_batches_are_assembled_single_threaded():
     torch.set_num_threads(2)
     try:
         loader = FakeLoader()
-        got = [(b, torch.get_num_threads()) for b in engine.single_threaded_batches(loader)]
+        got = [
+            (b, torch.get_num_threads()) for b in engine_protocols.single_threaded_batches(loader)
+        ]
         assert got == [(0, 2), (1, 2), (2, 2)]  # the model runs with every thread
         assert loader.seen == [1, 1, 1]
         assert torch.get_num_threads() == 2

@@ -35,12 +35,12 @@ from PIL import Image
 
 import egeunet
 import egeunet.data.prepare as prepare_module
-from egeunet import engine
 from egeunet.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from egeunet.cli import main
 from egeunet.data import PreparedDataset, get_prepared, prepare_dataset
 from egeunet.data.download import download_isic
 from egeunet.engine import train
+from egeunet.engine import trainer as engine_trainer
 from egeunet.fileio import FolderBusy, folder_lock, sha256_file
 from egeunet.model import EGEUNet
 from egeunet.predict import predict, read_image
@@ -339,7 +339,7 @@ def test_a_kill_between_last_pt_and_history_loses_no_epoch(killed_at, tmp_path):
     """Killed after last.pt of epoch ``killed_at`` was written, before history.csv was: in
     the middle of the run, or at its last epoch (which a resume does not train again)."""
     run_dir = tmp_path / "run"
-    real_write = engine.write_rows_csv
+    real_write = engine_trainer.write_rows_csv
 
     class Killed(BaseException):
         pass
@@ -350,7 +350,7 @@ def test_a_kill_between_last_pt_and_history_loses_no_epoch(killed_at, tmp_path):
         real_write(path, rows, columns)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "write_rows_csv", write_rows_or_die)
+        patch.setattr(engine_trainer, "write_rows_csv", write_rows_or_die)
         with pytest.raises(Killed):
             train(TINY, run_dir, progress=False)
     last = run_dir / "checkpoints" / "last.pt"

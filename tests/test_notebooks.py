@@ -153,6 +153,7 @@ TINY_TRAIN = {
     "device": "cpu",
     "num_threads": 1,  # a second thread only waits on this tiny model (see studies/quick.yaml)
 }
+TRAIN_FIELDS = {k: v for k, v in TINY_TRAIN.items() if k != "num_threads"}  # TrainConfig's
 
 
 @pytest.fixture(scope="module")
@@ -335,12 +336,11 @@ def test_interrupted_training_run_resumes_under_the_runner(tmp_path, monkeypatch
         notebook=str(NOTEBOOKS / "03_train.ipynb"),
         run_dir=str(run_dir),
         parameters={
-            **TINY_TRAIN,
-            "epochs": epochs,
-            "seed": 5,
+            "recipe": "published",
+            "train": {**TRAIN_FIELDS, "epochs": epochs, "seed": 5},
             "run_dir": str(run_dir),
-            "resume": False,
         },
+        threads=1,
         device="cpu",
     )
     script = (
@@ -370,6 +370,6 @@ def test_interrupted_training_run_resumes_under_the_runner(tmp_path, monkeypatch
 
     outcome = study.execute_run(spec, log=lambda line: None)
     assert outcome.status == "finished", outcome.error
-    assert study.read_outcome(run_dir)["parameters"]["resume"] is True
+    assert study.read_outcome(run_dir)["parameters"]["if_exists"] == "resume"
     assert list(pd.read_csv(history)["epoch"]) == list(range(1, epochs + 1))
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epochs

@@ -21,26 +21,26 @@ from conftest import REPO_ROOT
 from kernel_helpers import ensure_kernel
 
 from egeunet import cli, study
+from egeunet.study_files import notebook_parameters
 
 STAND_IN_PARAMETERS = """\
-dataset: str = "synthetic"  # dataset name
-data_root: str = ""  # data folder
-protocol: str = "paper"  # split protocol
-seed: int = 0  # seed
-epochs: int = 2  # epochs
-ghpa: bool = True  # a model switch
+recipe: str = "quick"  # named recipe
+train: dict = {}  # TrainConfig fields
 run_dir: str = "run"  # run folder
-resume: bool = False  # continue an interrupted run
-device: str = "auto"  # torch device
-num_threads: int = 0  # torch threads"""
+if_exists: str = "resume"  # resume or restart
+num_threads: int = 0  # torch threads
+progress: bool = True  # bars or lines"""
 
 STAND_IN_BODY = """\
 import json, os, pathlib
 run = pathlib.Path(run_dir)
 run.mkdir(parents=True, exist_ok=True)
+resume = if_exists == "resume" and (run / "checkpoints" / "last.pt").is_file()
+seed, epochs, device = train.get("seed", 0), train.get("epochs", 2), train.get("device", "auto")
 with open(run / "executions.jsonl", "a") as log:
     log.write(json.dumps({"resume": resume, "omp": os.environ.get("OMP_NUM_THREADS"),
-                          "num_threads": num_threads, "device": device}) + "\\n")
+                          "num_threads": num_threads, "device": device,
+                          "recipe": recipe, "progress": progress}) + "\\n")
 if (run.parent / f"fail-seed{seed}").exists():  # a switch outside the parameters
     raise RuntimeError(f"seed {seed} fails on purpose")
 rows = ["epoch,train_loss,val_loss,val_dsc,seconds"]
@@ -145,25 +145,36 @@ def test_unknown_parameter_fails_before_anything_runs(tmp_path, notebooks, monke
     reports = tmp_path / "reports"
     assert cli.main(["study", str(study_file), "--reports-dir", str(reports)]) == 2
     err = capsys.readouterr().err
-    assert "unknown parameter 'epoch' for 03_train.ipynb" in err and str(study_file) in err
+    assert "unknown train config key(s): epoch" in err and str(study_file) in err
     assert not (reports / "tiny" / "runs").exists()  # nothing launched
+    overview = write_study_file(tmp_path / "o.yaml", data_overview={"num_exampels": 2})
+    with pytest.raises(ValueError, match="unknown parameter 'num_exampels' for 01_data"):
+        loaded = study.load_study(
+            overview, reports_root=tmp_path, notebooks=REPO_ROOT / "notebooks"
+        )
+        study.check_study(loaded)
 
 
 def test_misspelt_variant_switch_and_wrong_type_are_named(tmp_path, notebooks):
-    spelt = study.load_study(
-        write_study_file(tmp_path / "a.yaml", variants={"unet": {"gpha": False}}),
-        reports_root=tmp_path,
-        notebooks=notebooks,
-    )
-    with pytest.raises(ValueError, match="unknown parameter 'gpha'"):
-        study.check_study(spelt)
-    typed = study.load_study(
-        write_study_file(tmp_path / "b.yaml", train={"epochs": "two"}),
-        reports_root=tmp_path,
-        notebooks=notebooks,
-    )
-    with pytest.raises(ValueError, match=r"parameter 'epochs' of 03_train\.ipynb .* must be int"):
-        study.check_study(typed)
+    with pytest.raises(ValueError, match=r"a\.yaml: run .*variants\.unet.*key\(s\): gpha"):
+        study.load_study(
+            write_study_file(tmp_path / "a.yaml", variants={"unet": {"gpha": False}}),
+            reports_root=tmp_path,
+            notebooks=notebooks,
+        )
+    with pytest.raises(ValueError, match=r"b\.yaml: run .*epochs: expected int, got 'two'"):
+        study.load_study(
+            write_study_file(tmp_path / "b.yaml", train={"epochs": "two"}),
+            reports_root=tmp_path,
+            notebooks=notebooks,
+        )
+    spec = study.load_study(write_study_file(tmp_path / "c.yaml"), reports_root=tmp_path).train[0]
+    bad = dataclasses.replace(spec, parameters={**spec.parameters, "if_exists": 1})
+    declared = notebook_parameters(notebooks / "03_train.ipynb")
+    with pytest.raises(
+        ValueError, match=r"parameter 'if_exists' of 03_train\.ipynb .* must be str"
+    ):
+        study.check_parameters(bad, declared, tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize(
@@ -196,21 +207,25 @@ def test_execute_run_applies_threads_and_device(tmp_path, notebooks, capfd):
         run_id="one",
         notebook=str(notebooks / "03_train.ipynb"),
         run_dir=str(tmp_path / "one"),
-        parameters={"seed": 5, "run_dir": str(tmp_path / "one")},
+        parameters={"train": {"seed": 5}, "run_dir": str(tmp_path / "one")},
         threads=1,
         device="cpu",
     )
     outcome = study.execute_run(spec, log=lambda line: None)
     assert outcome.status == "finished" and outcome.metrics == {"pooled": {"dsc": 0.55}}
     assert executions(tmp_path / "one") == [
-        {"resume": False, "omp": "1", "num_threads": 1, "device": "cpu"}
-    ]
+        {
+            "resume": False, "omp": "1", "num_threads": 1, "device": "cpu", "recipe": "quick",
+            "progress": False,
+        }
+    ]  # fmt: skip
     if sys.platform != "win32":  # the kernel spoke over a Unix socket, not unencrypted TCP
         assert "without encryption" not in capfd.readouterr().err
     assert study.execute_run(spec).status == "skipped"
     moved = dataclasses.replace(spec, threads=2, device="cuda")  # where it runs: still done
     assert study.execute_run(moved).status == "skipped"
-    changed = dataclasses.replace(spec, parameters={**spec.parameters, "epochs": 3})
+    train = {**spec.parameters["train"], "epochs": 3}
+    changed = dataclasses.replace(spec, parameters={**spec.parameters, "train": train})
     assert study.execute_run(changed, log=lambda line: None).status == "finished"
     assert study.execute_run(spec, force=True, log=lambda line: None).status == "finished"
 
@@ -229,10 +244,11 @@ def test_study_specs_cover_the_product_with_stable_ids(tmp_path):
     assert len(ids) == len(set(ids)) == 16
     assert "isic2018-clean-unet-seed2" in ids
     spec = next(s for s in loaded.train if s.run_id == "isic2018-clean-unet-seed2")
-    assert spec.parameters["ghpa"] is False and spec.parameters["seed"] == 2
-    assert spec.parameters["data_root"] == str((tmp_path / "data" / "isic2018").resolve())
+    train = spec.parameters["train"]
+    assert train["model"]["ghpa"] is False and train["seed"] == 2
+    assert train["data_root"] == str((tmp_path / "data" / "isic2018").resolve())
     other = next(s for s in loaded.train if s.run_id == "isic2017-clean-unet-seed2")
-    assert other.parameters["data_root"] == str((tmp_path / "data").resolve())
+    assert other.parameters["train"]["data_root"] == str((tmp_path / "data").resolve())
     assert spec.run_dir == str(
         (tmp_path / "r" / "tiny" / "runs" / "isic2018-clean-unet-seed2").resolve()
     )
@@ -261,8 +277,8 @@ def test_stages_run_in_order_of_priority_each_run_once(tmp_path):
         "isic2017-paper-unet-seed43",
         "isic2017-paper-long-seed42",
     ]
-    assert loaded.train[-1].parameters["epochs"] == 9
-    assert loaded.train[0].parameters["epochs"] == 2
+    assert loaded.train[-1].parameters["train"]["epochs"] == 9
+    assert loaded.train[0].parameters["train"]["epochs"] == 2
 
 
 @pytest.mark.parametrize(
@@ -286,8 +302,8 @@ def test_the_committed_isic_study_file_loads():
     assert len(ids) == len(set(ids)) == 22
     assert ids[:2] == ["isic2017-paper-egeunet-seed42", "isic2018-paper-egeunet-seed42"]
     assert ids[-1] == "isic2017-paper-egeunet-300ep-seed42"
-    assert {spec.parameters["epochs"] for spec in loaded.train[:-1]} == {50}
-    assert loaded.train[-1].parameters["epochs"] == 300
+    assert {spec.parameters["train"]["epochs"] for spec in loaded.train[:-1]} == {50}
+    assert loaded.train[-1].parameters["train"]["epochs"] == 300
 
 
 def test_run_spec_and_outcome_pickle():
@@ -374,9 +390,10 @@ def test_study_file_device_and_threads_reach_the_specs(tmp_path):
     path = write_study_file(tmp_path / "s.yaml", train={"device": "cpu", "num_threads": 1})
     spec = study.load_study(path, reports_root=tmp_path / "r").train[0]
     assert (spec.device, spec.threads) == ("cpu", 1)
-    declared = {"device": {}, "num_threads": {}, "resume": {}}
+    declared = {"train": {}, "num_threads": {}, "if_exists": {}, "progress": {}}
     parameters = study._run_parameters(spec, declared)
-    assert (parameters["device"], parameters["num_threads"]) == ("cpu", 1)
+    assert (parameters["train"]["device"], parameters["num_threads"]) == ("cpu", 1)
+    assert (parameters["if_exists"], parameters["progress"]) == ("resume", False)
     placed = place_spec(spec, Placement(threads=2, device="cuda:0"))  # a 2-core GPU worker
     assert (placed.device, placed.threads) == ("cpu", 1)
     default = study.load_study(write_study_file(tmp_path / "d.yaml"), reports_root=tmp_path)

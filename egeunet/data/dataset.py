@@ -13,6 +13,7 @@ only on the loader's seed: the same with 0 or N workers, fresh in every epoch.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Iterator, Sequence
 
@@ -25,7 +26,15 @@ from torchvision.transforms.v2 import functional as F
 
 from egeunet.data.store import PreparedDataset
 
-NORMALIZATIONS = ("minmax", "imagenet")
+
+class Normalization(enum.StrEnum):
+    """How pixels are scaled for the model: per-image min-max (published) or ImageNet's."""
+
+    MINMAX = "minmax"
+    IMAGENET = "imagenet"
+
+
+NORMALIZATIONS = tuple(n.value for n in Normalization)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_PROBABILITY = 0.5

@@ -47,6 +47,7 @@ from egeunet.fileio import (
     sha256_json,
     write_json_atomic,
 )
+from egeunet.model import NUM_LEVELS, SIZE_MULTIPLE, is_image_size
 
 PREPARE_FORMAT = 1
 DATASETS = ("isic2017", "isic2018", "synthetic", "folder")
@@ -82,9 +83,10 @@ def check_dataset_name(dataset: str) -> None:
 
 
 def check_size(size: int) -> None:
-    if not isinstance(size, int) or size < 32 or size % 32:
+    if not is_image_size(size):
         raise ValueError(
-            f"size must be a positive multiple of 32 (EGE-UNet halves it 5 times), got {size!r}"
+            f"size must be a positive multiple of {SIZE_MULTIPLE} (EGE-UNet halves it "
+            f"{NUM_LEVELS} times), got {size!r}"
         )
 
 
