@@ -50,6 +50,7 @@ NOTEBOOKS = {
     "02_complexity": Expected(
         texts=("unet+ghpa+gab", "53374", "variants: 100%", "8/8 ["), images=1, seconds=480
     ),
+    "03_train": Expected(texts=("quick recipe, egeunet", "best epoch", "pooled"), images=3),
     "04_report": Expected(
         texts=("study_dir: the newest study found: reports/isic", "Findings", "run_status"),
     ),
