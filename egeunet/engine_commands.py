@@ -282,7 +282,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "writes metrics.json, per_image.csv and predictions/.",
     )
     eval_parser.add_argument(
-        "--checkpoint", required=True, help="a .pt file (ours or the authors')"
+        "--checkpoint",
+        required=True,
+        help="a .pt file (ours or the authors'), or shipped weights: " + ", ".join(SHIPPED_WEIGHTS),
     )
     eval_parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     eval_parser.add_argument(

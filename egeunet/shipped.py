@@ -4,8 +4,9 @@
 finished ``clean``-protocol runs of the full model on that dataset, the one whose best
 epoch scored highest on its *validation* data (never on the test split), and writes
 
-- ``egeunet/weights/<name>.pt``: the model alone (config and weights, no optimiser state;
-  about 250 KB), read back with ``torch.load(weights_only=True)``;
+- ``egeunet/weights/<name>.pt``: the model (config and weights) with its training config
+  and selection record, no optimiser state (about 250 KB), read back with
+  ``torch.load(weights_only=True)``;
 - ``egeunet/weights/<name>.json``: its provenance: the run, the commit and data manifest
   hash the run recorded, the training config, the validation score it was chosen by, its
   test metrics, and the SHA-256 of the ``.pt`` file, which
@@ -38,6 +39,11 @@ SHIPPED_PROTOCOL = "clean"
 
 VALIDATION_SCORE = "val_dsc"
 """The history column the choice is made by: pooled DSC on the run's validation data."""
+
+
+SHIPPED_RECORDS = ("train_config", "protocol", "selection", "data_manifest_hash")
+"""What a shipped file keeps of its run's checkpoint besides the model: how to feed it
+(image size, normalisation) and how it was chosen. Never optimiser or RNG state."""
 
 
 def validation_score(run_dir: str | Path, epoch: int) -> float:
@@ -102,7 +108,8 @@ def ship_run(run_dir: str | Path, name: str, out_folder: str | Path = WEIGHTS_FO
     out_folder = Path(out_folder)
     out_folder.mkdir(parents=True, exist_ok=True)
     weights_path = out_folder / f"{name}.pt"
-    save_checkpoint(weights_path, model_payload(loaded.model, epoch=epoch))
+    kept = {key: loaded.checkpoint[key] for key in SHIPPED_RECORDS if key in loaded.checkpoint}
+    save_checkpoint(weights_path, model_payload(loaded.model, epoch=epoch, **kept))
     provenance = {
         "name": name,
         "file": weights_path.name,

@@ -60,8 +60,11 @@ def test_shipped_file_is_model_only_with_provenance(study: Path, tmp_path: Path)
     weights, _ = ship_best(study, "synthetic", "tiny", tmp_path)
     run_dir = study / "runs" / "synthetic-clean-egeunet-seed2"
     data = load_checkpoint(weights)
-    assert set(data) == {"format", "model_config", "model_state", "epoch"}
-    assert weights.stat().st_size < (run_dir / "checkpoints" / "best.pt").stat().st_size
+    assert set(data) == {
+        *("format", "model_config", "model_state", "epoch", "train_config"),
+        *("protocol", "selection", "data_manifest_hash"),
+    }
+    assert data["protocol"] == "clean" and data["train_config"]["seed"] == 2
     provenance = json.loads((tmp_path / "tiny.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     assert provenance["sha256"] == sha256_file(weights)
@@ -144,3 +147,18 @@ def test_installed_shipped_weights_segment_real_lesions(
         truth = np.asarray(Image.open(truth_path)) > 127
         scores.append(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
     assert np.mean(scores) > SHIPPED_DSC_FLOOR, f"{name}: DSC per image {np.round(scores, 3)}"
+
+
+def test_evaluate_takes_shipped_names_and_writes_outside_the_package(
+    study: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from egeunet.engine import evaluate
+
+    folder = tmp_path / "weights"
+    ship_best(study, "synthetic", "isic2018", folder)
+    monkeypatch.setattr(checkpoint, "WEIGHTS_FOLDER", folder)
+    monkeypatch.chdir(tmp_path)
+    result = evaluate("isic2018", "test", device="cpu")
+    assert Path(result["output"]) == Path("evaluations") / "isic2018-test"
+    assert (tmp_path / "evaluations" / "isic2018-test" / "metrics.json").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["isic2018.json", "isic2018.pt"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from egeunet.cases import CASE_LABELS, pick_cases, save_cases
-from egeunet.checkpoint import LoadedModel, load_model
+from egeunet.checkpoint import LoadedModel, load_model, resolve_weights
 from egeunet.data import PreparedDataset, SegmentationDataset
 from egeunet.engine.config import TrainConfig
 from egeunet.engine.protocols import (
@@ -216,14 +216,22 @@ def evaluate(
 
     The data and protocol come from the checkpoint's train config; ``dataset``,
     ``data_root`` and ``protocol`` override them (needed for the authors' raw
-    checkpoints, which carry none). Writes metrics.json, per_image.csv, predictions/ and
-    cases.npz into ``output`` (default: ``<run>/evaluations/<checkpoint>-<split>/`` for a
-    checkpoint inside a run folder, else ``<checkpoint>-<split>/`` beside it).
+    checkpoints, which carry none). ``checkpoint`` is a file or the name of shipped weights
+    (:data:`~egeunet.checkpoint.SHIPPED_WEIGHTS`). Writes metrics.json, per_image.csv,
+    predictions/ and cases.npz into ``output`` (default: ``<run>/evaluations/<checkpoint>-
+    <split>/`` for a checkpoint inside a run folder, ``evaluations/<name>-<split>/`` for
+    shipped weights, else ``<checkpoint>-<split>/`` beside it).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    loaded = load_model(checkpoint)
-    out = Path(output) if output else _default_evaluation_folder(Path(checkpoint), split)
+    source = resolve_weights(checkpoint)
+    loaded = load_model(source)
+    if output:
+        out = Path(output)
+    elif source != Path(checkpoint):  # shipped weights: never write into the package
+        out = Path("evaluations") / f"{checkpoint}-{split}"
+    else:
+        out = _default_evaluation_folder(source, split)
     require_writable(out, "evaluation output folder (--output)")
     given = {
         "dataset": dataset,
