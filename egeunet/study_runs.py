@@ -204,14 +204,19 @@ def _history(run_dir: Path) -> pd.DataFrame:
 
 
 def _hardware(config_doc: dict) -> str:
-    """Device, threads and whatever machine description config.json recorded."""
+    """Device, threads and the machines config.json records (older runs recorded none)."""
     parts = []
     if config_doc.get("device"):
         parts.append(str(config_doc["device"]))
     threads = config_doc.get("num_threads")
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    return ", ".join(parts)
+    for machine in config_doc.get("machines") or []:
+        if isinstance(machine, dict):
+            name = machine.get("gpu") or machine.get("cpu")
+            cores = machine.get("cpu_count")
+            parts.append(f"{name} ({cores} cores)" if cores and not machine.get("gpu") else name)
+    return ", ".join(str(part) for part in parts if part)
 
 
 def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict:

@@ -27,6 +27,7 @@ from egeunet.engine import (
 )
 from egeunet.engine import protocols as engine_protocols
 from egeunet.engine import trainer as engine_trainer
+from egeunet.engine.reproducibility import machine_description
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.model import EGEUNet, EGEUNetConfig
 
@@ -72,6 +73,8 @@ def test_run_folder_contents(finished_run, capsys):
     assert description["counts"] == {"train": 12, "val": 4, "test": 4}
     assert len(description["data_manifest_hash"]) == 64
     assert {"package_version", "git_commit", "torch_version"} <= set(description)
+    assert description["machines"] == [machine_description(torch.device("cpu"))]
+    assert description["machines"][0]["cpu"] and description["machines"][0]["cpu_count"] >= 1
 
     history = read_history(run_dir)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
@@ -116,7 +119,16 @@ def test_resume_after_a_kill_is_bit_identical(finished_run, tmp_path):
     with pytest.raises(Killed):
         train(TINY, run_dir, progress=False, on_epoch_end=kill_after_second)
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 2
+    # Interrupted on another machine (as an older run folder, which recorded none).
+    description = json.loads((run_dir / "config.json").read_text())
+    description["machines"] = [{"cpu": "elsewhere", "cpu_count": 64}]
+    (run_dir / "config.json").write_text(json.dumps(description))
     metrics = train(TINY, run_dir, resume=True, progress=False)
+    machines = json.loads((run_dir / "config.json").read_text())["machines"]
+    assert machines == [
+        {"cpu": "elsewhere", "cpu_count": 64},
+        machine_description(torch.device("cpu")),
+    ]
 
     for name in ("last.pt", "best.pt"):
         expected = load_checkpoint(uninterrupted / "checkpoints" / name)["model_state"]

@@ -93,3 +93,15 @@ def test_progress_reports_wall_time_speed_and_hardware(study_dir):
     assert progress["wall_hours"] == pytest.approx(4.0 * EPOCHS / 3600)
     assert progress["images_per_second"] == pytest.approx(10.0)
     assert progress["hardware"] == "cpu, 1 thread" and progress["torch"] == "2.x"
+
+
+def test_hardware_names_every_machine_a_run_trained_on():
+    described = {
+        "device": "cuda:0",
+        "num_threads": 2,
+        "machines": [
+            {"cpu": "AMD EPYC", "cpu_count": 2},
+            {"cpu": "Intel Xeon", "cpu_count": 16, "gpu": "NVIDIA H200"},
+        ],
+    }
+    assert study_runs._hardware(described) == "cuda:0, 2 threads, AMD EPYC (2 cores), NVIDIA H200"

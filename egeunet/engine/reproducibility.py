@@ -8,6 +8,8 @@ run is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 import subprocess
 import time
@@ -49,6 +51,37 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The processor's name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_description(device: torch.device) -> dict:
+    """The hardware a run trains on: CPU model and logical cores, and the GPU if it uses one."""
+    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def record_machine(description: dict, device: torch.device) -> bool:
+    """Add this machine to a run description's ``machines`` (a run resumed elsewhere lists
+    each machine once); True when it was not listed yet."""
+    machine = machine_description(device)
+    machines = description.setdefault("machines", [])
+    if machine in machines:
+        return False
+    machines.append(machine)
+    return True
+
+
 def run_description(
     config: TrainConfig,
     prepared: PreparedDataset,
@@ -70,6 +103,7 @@ def run_description(
         "device": str(device),
         "amp": amp,
         "num_threads": torch.get_num_threads(),
+        "machines": [machine_description(device)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -43,6 +43,7 @@ from egeunet.engine.reproducibility import (
     capture_rng,
     check_training_checkpoint,
     fast_forward,
+    record_machine,
     restore_rng,
     run_description,
     seed_everything,
@@ -285,10 +286,14 @@ class Trainer:
         restore_rng(checkpoint["rng"])
         fast_forward(self.train_loader, self.state.epoch)  # (validation does not augment)
         self.train_loader.generator.set_state(checkpoint["loader_generator"])
+        description = json.loads(self.run.config.read_text(encoding="utf-8"))
+        changed = record_machine(description, self.device)
         if self.config.epochs != checkpoint["train_config"]["epochs"]:
-            description = json.loads(self.run.config.read_text(encoding="utf-8"))
             description["config"]["epochs"] = self.config.epochs
+            changed = True
+        if changed:
             write_json_atomic(self.run.config, description)
+        if self.config.epochs != checkpoint["train_config"]["epochs"]:
             # The shorter run's results no longer describe this run (best.pt moves on too):
             # a report must not show them under the new epoch count before it finishes.
             for stale in (self.run.metrics, self.run.per_image, self.run.cases):
