@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -195,6 +196,8 @@ def test_shipped_weights_are_found_by_name(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"'isic2017': no shipped weights .*isic2017\.pt"):
         resolve_weights("isic2017")
     (tmp_path / "isic2017.pt").write_bytes(b"")
+    empty_sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    (tmp_path / "isic2017.json").write_text(json.dumps({"sha256": empty_sha256}))
     assert resolve_weights("isic2017") == tmp_path / "isic2017.pt"
     with pytest.raises(FileNotFoundError, match="not the name of shipped weights"):
         resolve_weights("isic2019")
