@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +31,7 @@ from egeunet.checkpoint import (
 )
 from egeunet.fileio import sha256_file, write_json_atomic
 from egeunet.model import EGEUNetConfig
+from egeunet.runfolder import RunFolder, read_json
 from egeunet.study_runs import collect_runs
 
 SHIPPED_PROTOCOL = "clean"
@@ -87,16 +87,14 @@ def candidate_runs(study_dir: str | Path, dataset: str) -> pd.DataFrame:
     )
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def ship_run(run_dir: str | Path, name: str, out_folder: str | Path = WEIGHTS_FOLDER) -> Path:
     """Write the best checkpoint of ``run_dir`` as shipped weights ``name`` into
     ``out_folder`` (``<name>.pt`` and its provenance ``<name>.json``); returns the .pt path."""
     run_dir = Path(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
-    config_doc = _read_json(run_dir / "config.json")
+    folder = RunFolder(run_dir)
+    metrics, config_doc = read_json(folder.metrics), read_json(folder.config)
+    if metrics is None or config_doc is None:
+        raise FileNotFoundError(f"{run_dir}: no metrics.json or config.json; not a finished run")
     source = run_dir / metrics.get("checkpoint", "checkpoints/best.pt")
     loaded = load_model(source)
     epoch = int(metrics["best_epoch"])
@@ -168,7 +166,7 @@ def run_ship_weights(args: argparse.Namespace) -> int:
             f"{mark} {row.run_id}: validation DSC {row.validation_dsc:.4f} "
             f"(epoch {row.best_epoch}), test DSC {row.pooled_dsc:.4f}"
         )
-    provenance = _read_json(provenance_path(weights))
+    provenance = read_json(provenance_path(weights))
     print(
         f"shipped {weights} ({provenance['size_bytes']} bytes, sha256 "
         f"{provenance['sha256'][:12]}...) with its provenance {provenance_path(weights).name}"
