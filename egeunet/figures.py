@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -19,6 +20,11 @@ from egeunet.fileio import atomic_open
 from egeunet.overlay import PREDICTION_COLOUR, TRUTH_COLOUR, overlay
 
 FIGURE_FORMATS = ("png", "svg")
+# Byte-identical files from the same figure: no creation date, and SVG element ids hashed
+# from a fixed salt instead of a random one, so rebuilding a committed report changes
+# only the figures whose content changed.
+STABLE_METADATA = {"png": {}, "svg": {"Date": None}}
+STABLE_SVG = {"svg.hashsalt": "egeunet"}
 
 
 def save_figure(
@@ -37,8 +43,14 @@ def save_figure(
         path = stem.with_name(f"{stem.name}.{fmt}")
         resolution = dpi
         while True:
-            with atomic_open(path, "wb") as handle:
-                figure.savefig(handle, format=fmt, dpi=resolution, bbox_inches="tight")
+            with atomic_open(path, "wb") as handle, matplotlib.rc_context(STABLE_SVG):
+                figure.savefig(
+                    handle,
+                    format=fmt,
+                    dpi=resolution,
+                    bbox_inches="tight",
+                    metadata=STABLE_METADATA[fmt],
+                )
             size = path.stat().st_size
             if fmt != "png" or max_png_bytes is None or size <= max_png_bytes or resolution <= 40:
                 break
@@ -259,9 +271,13 @@ def per_image_distribution(
     figure = Figure(figsize=(1.3 * len(order) + 2.5, 3.8))
     axis = figure.subplots()
     sns.boxplot(data=per_image, x="variant", y="dsc", order=order, ax=axis, fliersize=0)
-    sns.stripplot(
-        data=per_image, x="variant", y="dsc", order=order, ax=axis, size=2, color="black", alpha=0.4
-    )
+    # The points, jittered sideways by a seeded generator (seaborn's stripplot draws from
+    # numpy's global one, so the same data would give a different file each time).
+    jitter = np.random.default_rng(0)
+    for position, variant in enumerate(order):
+        scores = per_image.loc[per_image["variant"] == variant, "dsc"].to_numpy()
+        offsets = jitter.uniform(-0.08, 0.08, size=len(scores))
+        axis.scatter(position + offsets, scores, s=4, color="black", alpha=0.4, linewidths=0)
     axis.set_ylabel("per-image DSC")
     axis.tick_params(axis="x", labelrotation=30)
     if title:

@@ -54,6 +54,7 @@ from egeunet.report_format import (
     format_protocols,
     format_references,
     format_selection,
+    format_stage_summary,
     format_status,
     latex_table,
     markdown_table,
@@ -231,7 +232,18 @@ def _status_section(writer: _Writer, tables: StudyTables, study_file: str | None
             "written), *unfinished* (epochs so far; *resumable* when its `last.pt` is kept), "
             "*failed* or *not started*.\n"
         )
-        writer.text(markdown_table(stage_summary(status)))
+        summary = stage_summary(status)
+        writer.text(markdown_table(format_stage_summary(summary)))
+        left = summary["remaining_hours"]
+        if left.notna().all() and left.sum() > 0:
+            writer.text(
+                f"Training still to run: about {left.sum():.0f} run-hours. Estimated per "
+                "run: its epochs left times the median epoch time measured so far (first "
+                "epochs excluded) of the run itself, else of the nearest measured runs (same "
+                "dataset, model and protocol, then fewer in common). Those epochs ran as "
+                "fast as the machine was then: runs side by side, or other work beside them, "
+                "slow each run down.\n"
+            )
     else:
         writer.text(
             "The run folders found (no study file given: `egeunet report DIR --study FILE` "

@@ -110,8 +110,24 @@ def _pairs_columns(table: pd.DataFrame, prefix: str = "", label: str = "Δ") -> 
     }
 
 
+def hours(value: object) -> str:
+    """Estimated hours, "–" when unknown: "0" for none left, else one decimal."""
+    if not _finite(value):
+        return MISSING
+    return "0" if value == 0 else f"{value:.1f} h"
+
+
+def format_stage_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """Runs per stage by status for reading, with the estimated training time left."""
+    shown = summary.drop(columns=["remaining_hours"], errors="ignore")
+    if "remaining_hours" in summary:
+        shown["training left (est.)"] = [hours(v) for v in summary["remaining_hours"]]
+    return shown
+
+
 def format_status(status: pd.DataFrame) -> pd.DataFrame:
-    """Run status for reading: epochs done of planned, resumable marked."""
+    """Run status for reading: epochs done of planned, resumable marked, training time
+    left (estimated) where the table has it."""
     if status.empty:
         return status
     progress = []
@@ -129,6 +145,11 @@ def format_status(status: pd.DataFrame) -> pd.DataFrame:
             "run": status["run_id"],
             "status": status["status"],
             "epochs": progress,
+            **(
+                {"training left (est.)": [hours(v) for v in status["remaining_hours"]]}
+                if "remaining_hours" in status
+                else {}
+            ),
         }
     )
 

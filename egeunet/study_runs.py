@@ -236,16 +236,23 @@ def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict
         status = UNFINISHED
     else:
         status = NOT_STARTED
-    epochs = (config_doc.get("config") or {}).get("epochs")
+    config = config_doc.get("config") or {}
+    epochs = config.get("epochs")
     speed = history["images_per_second"] if "images_per_second" in history else pd.Series()
     seconds = history["seconds"].sum() if "seconds" in history else float("nan")
+    # The first epoch also prepares data and compiles kernels (several times a later one).
+    later = history["seconds"].iloc[1:] if "seconds" in history else pd.Series()
     return {
+        "dataset": config.get("dataset"),
+        "protocol": config.get("protocol"),
+        "model": EGEUNetConfig(**config["model"]).name if config.get("model") else None,
         "status": status,
         "epochs_done": len(history),
         "epochs_planned": epochs if epochs is not None else planned_epochs,
         "resumable": status == UNFINISHED and run.last.is_file(),
         "wall_hours": seconds / 3600 if len(history) else float("nan"),
         "images_per_second": speed.median() if len(speed) else float("nan"),
+        "epoch_seconds": later.median() if len(later) else float("nan"),
         "hardware": _hardware(config_doc),
         "threads": config_doc.get("num_threads"),
         "torch": config_doc.get("torch_version", ""),
@@ -267,6 +274,12 @@ def study_status(runs_dir: str | Path, study_file: str | Path | None = None) -> 
             progress = run_progress(
                 runs_dir / run.run_id, epochs if isinstance(epochs, int) else None
             )
+            planned = {
+                "dataset": run.dataset,
+                "protocol": run.protocol,
+                "model": EGEUNetConfig(**run.parameters.get("model", {})).name,
+            }
+            progress.update({k: v for k, v in planned.items() if progress[k] is None})
             rows.append({"stage": run.stage, "run_id": run.run_id, **progress})
             listed.add(run.run_id)
     others = NOT_IN_STUDY if study_file is not None else ""
@@ -274,16 +287,66 @@ def study_status(runs_dir: str | Path, study_file: str | Path | None = None) -> 
         if folder.name not in listed:
             rows.append({"stage": others, "run_id": folder.name, **run_progress(folder)})
     columns = ["stage", "run_id", *run_progress(runs_dir / "-").keys()]
-    return pd.DataFrame(rows, columns=columns)
+    status = pd.DataFrame(rows, columns=columns)
+    status["remaining_hours"] = remaining_hours(status)
+    return status
+
+
+ESTIMATE_SOURCES = (
+    ("run_id",),
+    ("dataset", "model", "protocol"),
+    ("dataset", "model"),
+    ("dataset",),
+    (),
+)
+"""Whose epoch times estimate a run's, nearest first: its own; those of runs of the same
+dataset, model and protocol; the same dataset and model; the same dataset; any run."""
+
+
+def remaining_hours(status: pd.DataFrame) -> pd.Series:
+    """Training hours each run of :func:`study_status` still needs (0 for a finished run):
+    its epochs left times the median ``epoch_seconds`` of the measured runs nearest to it
+    (:data:`ESTIMATE_SOURCES`); NaN while no run has a measured epoch. The figures are as
+    fast as the machine was when those epochs ran: runs side by side, or other work beside
+    them, make epochs slower."""
+    measured = status.dropna(subset=["epoch_seconds"])
+    estimates = []
+    for _, row in status.iterrows():
+        if row["status"] == DONE:
+            estimates.append(0.0)
+            continue
+        planned = row["epochs_planned"]
+        left = max(planned - row["epochs_done"], 0) if pd.notna(planned) else None
+        seconds = float("nan")
+        for keys in ESTIMATE_SOURCES:
+            same = measured
+            for key in keys:
+                same = same[same[key] == row[key]]
+            if len(same):
+                seconds = same["epoch_seconds"].median()
+                break
+        estimates.append(left * seconds / 3600 if left is not None else float("nan"))
+    return pd.Series(estimates, index=status.index, dtype=float)
 
 
 def stage_summary(status: pd.DataFrame) -> pd.DataFrame:
-    """Runs per stage (in study order) by status: done, unfinished, failed, not started."""
+    """Runs per stage (in study order) by status: done, unfinished, failed, not started;
+    and the training hours the stage still needs (the sum of :func:`remaining_hours`, NaN
+    while any of its runs has no estimate)."""
     if status.empty:
-        return pd.DataFrame(columns=["stage", "runs", DONE, UNFINISHED, FAILED, NOT_STARTED])
+        return pd.DataFrame(
+            columns=["stage", "runs", DONE, UNFINISHED, FAILED, NOT_STARTED, "remaining_hours"]
+        )
     counts = pd.crosstab(status["stage"], status["status"]).reindex(
         columns=[DONE, UNFINISHED, FAILED, NOT_STARTED], fill_value=0
     )
     counts = counts.reindex(list(dict.fromkeys(status["stage"])))
     counts.insert(0, "runs", counts.sum(axis=1))
+    if "remaining_hours" in status:
+        by_stage = status.groupby("stage", sort=False)["remaining_hours"]
+        counts["remaining_hours"] = by_stage.sum(min_count=1).where(~by_stage.apply(_any_nan))
     return counts.reset_index()
+
+
+def _any_nan(values: pd.Series) -> bool:
+    return bool(values.isna().any())

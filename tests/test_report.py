@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
@@ -266,6 +267,21 @@ def test_large_svg_is_skipped_and_png_kept(tmp_path):
     paths = figures.save_figure(figure, tmp_path / "line", max_svg_bytes=100)
     assert [p.name for p in paths] == ["line.png"]
     assert not (tmp_path / "line.svg").exists()
+
+
+def test_figures_are_the_same_bytes_each_time_they_are_built(tmp_path):
+    """Rebuilding a committed report must not change figures whose data did not change:
+    no dates in the files, no random SVG ids, no random jitter."""
+    per_image = pd.DataFrame(
+        {"variant": ["unet"] * 40 + ["egeunet"] * 40, "dsc": np.linspace(0.2, 1.0, 80)}
+    )
+    built = []
+    for attempt in ("first", "second"):
+        figure = figures.per_image_distribution(per_image, ["unet", "egeunet"], title="t")
+        paths = figures.save_figure(figure, tmp_path / attempt / "per_image")
+        built.append([path.read_bytes() for path in paths])
+    assert [p.suffix for p in paths] == [".png", ".svg"]
+    assert built[0] == built[1]
 
 
 def test_cases_without_pixels_are_listed_not_drawn(tmp_path):

@@ -3,8 +3,10 @@ study file, and what each run cost."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import pandas as pd
 import pytest
 from report_fixtures import EPOCHS, write_history, write_run, write_study, write_study_file
 
@@ -105,3 +107,38 @@ def test_hardware_names_every_machine_a_run_trained_on():
         ],
     }
     assert study_runs._hardware(described) == "cuda:0, 2 threads, AMD EPYC (2 cores), NVIDIA H200"
+
+
+def test_training_left_is_estimated_from_the_nearest_measured_epochs(study_dir, tmp_path):
+    """Epochs left x the median epoch time of the run itself, else of the runs most like
+    it; first epochs (data preparation, compilation) do not count."""
+    runs_dir = study_dir / "runs"
+    unfinished = runs_dir / "isic2017-clean-egeunet-seed1"
+    unfinished.mkdir()
+    write_history(unfinished, [0.5, 0.6], seconds=36.0)
+    history = unfinished / "history.csv"
+    table = pd.read_csv(history)
+    table.loc[0, "seconds"] = 3600.0  # a slow first epoch is not a measure of the others
+    table.to_csv(history, index=False)
+    (unfinished / "config.json").write_text(
+        json.dumps({"config": {"dataset": "isic2017", "protocol": "clean", "model": {}}})
+    )
+    status = study_runs.study_status(runs_dir, write_study_file(tmp_path / "fixture.yaml"))
+    left = status.set_index("run_id")["remaining_hours"]
+    assert left["isic2017-paper-egeunet-seed1"] == 0.0  # done
+    assert left["isic2017-clean-egeunet-seed1"] == pytest.approx((EPOCHS - 2) * 36.0 / 3600)
+    # Not started: the clean egeunet run measured above, not the paper runs' 4 s epochs.
+    assert left["isic2017-clean-egeunet-seed2"] == pytest.approx(EPOCHS * 36.0 / 3600)
+    # The longer paper run of the same model: the finished paper egeunet runs' epochs.
+    assert left["isic2017-paper-egeunet-long-seed1"] == pytest.approx(2 * EPOCHS * 4.0 / 3600)
+    summary = study_runs.stage_summary(status).set_index("stage")
+    assert summary.loc["3 clean", "remaining_hours"] == pytest.approx(
+        (EPOCHS - 2 + 2 * EPOCHS) * 36.0 / 3600
+    )
+    assert summary.loc["1 headline", "remaining_hours"] == 0.0
+
+
+def test_training_left_is_unknown_before_any_epoch_is_measured(tmp_path):
+    status = study_runs.study_status(tmp_path / "runs", write_study_file(tmp_path / "f.yaml"))
+    assert status["remaining_hours"].isna().all()
+    assert study_runs.stage_summary(status)["remaining_hours"].isna().all()
