@@ -23,6 +23,7 @@ ordered deepest level (H/32) first.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -353,6 +354,50 @@ def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+@functools.lru_cache(maxsize=32)
+def _interpolation_matrix(source: int, target: int) -> Tensor:
+    """``(target, source)`` float64 weights of 1-D linear interpolation with aligned corners:
+    row ``i`` samples position ``i * (source - 1) / (target - 1)``, two weights per row."""
+    if source == 1:
+        return torch.ones(target, 1, dtype=torch.float64)
+    step = (source - 1) / (target - 1) if target > 1 else 0.0
+    position = torch.arange(target, dtype=torch.float64) * step
+    left = position.floor().long().clamp(max=source - 2)
+    right_weight = position - left
+    rows = torch.arange(target)
+    matrix = torch.zeros(target, source, dtype=torch.float64)
+    matrix[rows, left] = 1 - right_weight
+    matrix[rows, left + 1] += right_weight
+    return matrix
+
+
+def _upsample_side_map(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A side map ``(B, K, h, w)`` resized bilinearly (aligned corners) to ``size``.
+
+    On CPU, from a map at most a quarter of the target's height and width, as two small
+    matrix products ``R @ mask @ C.T`` with the separable interpolation weights: the same
+    function as ``F.interpolate`` (up to float rounding; its weights are even exact to
+    float64 before the cast), and forward + backward several times faster there, where
+    ATen's backward scatters every one of the ``H x W`` output gradients (measured at
+    batch 8 to 256x256, 1 thread: 0.5-1.7 ms against 3.8 ms from 8x8 to 64x64). Under
+    tracing or ONNX export (which keep the spatial size dynamic) and on other devices it
+    is ``F.interpolate`` itself.
+    """
+    (height, width), (source_height, source_width) = size, mask.shape[2:]
+    small = 4 * source_height <= height and 4 * source_width <= width
+    if (
+        not small
+        or mask.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    ):
+        return _resize(mask, size)
+    dtype = torch.promote_types(mask.dtype, torch.float32)
+    rows = _interpolation_matrix(source_height, height).to(dtype)
+    columns = _interpolation_matrix(source_width, width).to(dtype)
+    return (rows @ mask.to(dtype) @ columns.T).to(mask.dtype)  # (B, K, H, W)
+
+
 class SpatialAttention(nn.Module):
     """GHPA's H-W branch: a learnable (C, 8, 8) map resized to (H, W), refined, multiplied in."""
 
@@ -629,7 +674,7 @@ class EGEUNet(nn.Module):
                 x_high = skip
             x = x + skip
             if mask is not None:
-                sides.append(_resize(mask, (height, width)))
+                sides.append(_upsample_side_map(mask, (height, width)))
 
         final = F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=True)
         # Standard (NCHW-contiguous) outputs whatever the layout inside; free for 1 class.
