@@ -249,17 +249,17 @@ def _selection_bullets(tables: StudyTables, findings: Findings) -> None:
         parts = [
             f"{dataset_name(row['dataset'])} {signed(row['difference_mean'])} "
             f"± {number(row['difference_std'])} ({_seeds(int(row['pairs']))}, "
-            f"{_p(row['p_value'])})"
+            f"{_p(row['p_value'])}; the best epoch by DSC, an oracle, scored "
+            f"{number(row['oracle_mean'])})"
             for _, row in selection.iterrows()
         ]
         findings.numbers["selected_minus_last_epoch_dsc"] = dict(
             zip(selection["dataset"], selection["difference_mean"], strict=True)
         )
         findings.bullets.append(
-            "Within the paper-protocol runs, the checkpoint picked on the test split scores, "
-            "on that same split, against the last epoch's model (which no selection touched): "
-            + "; ".join(parts)
-            + "."
+            "Within the paper-protocol runs, the checkpoint picked on the test split (lowest "
+            "loss, as published) scores, in pooled DSC on that same split, against the last "
+            "epoch's model (which no selection touched): " + "; ".join(parts) + "."
         )
     if protocols.empty:
         findings.bullets.append(

@@ -201,6 +201,7 @@ def test_findings_state_the_numbers_in_words(built):
     assert "could not be verified" in text and "88.70" in text and "79.81" not in text
     assert "one full cycle of the published cosine schedule" in text
     assert "+0.40 ± 0.20" in text and "[the full report](REPORT.md)" in text
+    assert "(lowest loss, as published)" in text and "an oracle, scored 89.00" in text
     markdown = report.markdown_path.read_text()
     assert markdown.index("## Findings") < markdown.index("## Run status")
 
