@@ -6,7 +6,9 @@ CPU; prints figures, asserts nothing.
 The published model (random weights: latency does not depend on them) is exported with
 ``egeunet export``'s code to a temporary file; both runtimes get the same thread count and
 the same inputs, batch 1 and 8, and report the best of three timings of ``--calls`` calls
-in ms per image. PyTorch's figure is bench_train's own (eval mode, inference_mode).
+in ms per image. PyTorch's figures are bench_train's own (eval mode, inference_mode): our
+model, and the baseline (the published formulas in plain PyTorch, NCHW) that every ratio
+is taken against.
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ def main() -> None:
             f"{threads} thread(s), {args.size}x{args.size}, published model"
         )
         for batch_size in (1, 8):
+            baseline_ms = inference_ms_per_image(args.size, batch_size, args.calls, baseline=True)
             torch_ms = inference_ms_per_image(args.size, batch_size, args.calls, baseline=False)
             onnx_ms = onnx_ms_per_image(backend, args.size, batch_size, args.calls)
             print(
-                f"inference latency, batch {batch_size}: PyTorch {torch_ms:.1f} ms/image, "
-                f"ONNX Runtime {onnx_ms:.1f} ms/image ({onnx_ms / torch_ms:.2f}x PyTorch)"
+                f"inference latency, batch {batch_size}: baseline {baseline_ms:.1f} ms/image, "
+                f"PyTorch {torch_ms:.1f} ms/image ({torch_ms / baseline_ms:.2f}x the "
+                f"baseline), ONNX Runtime {onnx_ms:.1f} ms/image ({onnx_ms / baseline_ms:.2f}x "
+                f"the baseline, {onnx_ms / torch_ms:.2f}x PyTorch)"
             )
 
 
