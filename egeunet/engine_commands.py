@@ -200,17 +200,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def predict_model(args: argparse.Namespace) -> tuple[str, str]:
-    """(model file or weights name, backend) from predict's --checkpoint, --onnx and
+    """(model file or weights name, backend) from predict's --weights, --onnx and
     --backend; ValueError naming the options for a combination that does not fit."""
     backend = args.backend or ("onnxruntime" if args.onnx else "torch")
     if args.checkpoint and args.onnx:
-        raise ValueError("give --checkpoint (PyTorch) or --onnx (ONNX Runtime), not both")
+        raise ValueError("give --weights (PyTorch) or --onnx (ONNX Runtime), not both")
     if backend == "onnxruntime":
         if not args.onnx:
             raise ValueError("--backend onnxruntime needs --onnx FILE (from `egeunet export`)")
         return args.onnx, backend
     if not args.checkpoint:
-        raise ValueError("give --checkpoint FILE_OR_NAME (or --onnx FILE for ONNX Runtime)")
+        raise ValueError("give --weights FILE_OR_NAME (or --onnx FILE for ONNX Runtime)")
     return args.checkpoint, backend
 
 
@@ -282,9 +282,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "writes metrics.json, per_image.csv and predictions/.",
     )
     eval_parser.add_argument(
+        "--weights",
         "--checkpoint",
+        dest="checkpoint",
         required=True,
-        help="a .pt file (ours or the authors'), or shipped weights: " + ", ".join(SHIPPED_WEIGHTS),
+        help="a .pt file (ours or the authors'), or shipped weights: "
+        + ", ".join(SHIPPED_WEIGHTS)
+        + " (--checkpoint is the same option)",
     )
     eval_parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     eval_parser.add_argument(
@@ -314,8 +318,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "replaced. Exit code 1 only when nothing could be predicted.",
     )
     predict_parser.add_argument(
+        "--weights",
         "--checkpoint",
-        help="a .pt file (ours or the authors'), or shipped weights: " + ", ".join(SHIPPED_WEIGHTS),
+        dest="checkpoint",
+        help="a .pt file (ours or the authors'), or shipped weights: "
+        + ", ".join(SHIPPED_WEIGHTS)
+        + " (--checkpoint is the same option)",
     )
     predict_parser.add_argument(
         "--onnx", help="an .onnx file from `egeunet export` (runs in ONNX Runtime)"
@@ -323,7 +331,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict_parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="torch for --checkpoint, onnxruntime for --onnx (default: whichever is given)",
+        help="torch for --weights, onnxruntime for --onnx (default: whichever is given)",
     )
     predict_parser.add_argument(
         "--input", required=True, nargs="+", help="image files and/or folders"

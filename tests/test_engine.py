@@ -294,7 +294,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert "epoch 1/1" in out and "test-set model selection" in out and "pooled" in out
     assert cli_main(["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt")]) == 0
     assert "per image" in capsys.readouterr().out
-    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert cli_main(["evaluate", "--weights", str(tmp_path / "none.pt")]) == 2
 
 
 def test_restart_discards_the_old_run_and_steps_reach_the_callback(tmp_path):

@@ -183,7 +183,7 @@ def test_export_and_predict_options_fail_clearly(exported, tmp_path, capsys):
         (["predict", "--backend", "onnxruntime", "--checkpoint", str(checkpoint), "--input",
           str(image), "--output", str(tmp_path / "o")], "needs --onnx"),
         (["predict", "--input", str(image), "--output", str(tmp_path / "o")],
-         "give --checkpoint"),
+         "give --weights"),
     ]  # fmt: skip
     for argv, message in cases:
         assert cli_main(argv) == 2, argv

@@ -132,6 +132,20 @@ def test_cli_predict_exit_codes(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o4").exists()
 
 
+def test_cli_weights_and_checkpoint_name_the_same_option(checkpoint, tmp_path):
+    """``--weights`` (as in ``egeunet app`` and ``egeunet export``) and the older
+    ``--checkpoint`` give the same masks."""
+    path, _ = checkpoint
+    write_images(tmp_path / "in")
+    masks = {}
+    for option in ("--weights", "--checkpoint"):
+        out = tmp_path / option.strip("-")
+        argv = ["predict", option, str(path), "--input", str(tmp_path / "in"), "--output"]
+        assert cli_main([*argv, str(out), "--no-overlays"]) == 0
+        masks[option] = {p.name: p.read_bytes() for p in sorted(out.glob("*_mask.png"))}
+    assert len(masks["--weights"]) == 4 and masks["--weights"] == masks["--checkpoint"]
+
+
 def test_load_model_errors(checkpoint, tmp_path):
     path, _ = checkpoint
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
