@@ -380,14 +380,15 @@ def _upsample_side_map(mask: Tensor, size: tuple[int, int]) -> Tensor:
     float64 before the cast), and forward + backward several times faster there, where
     ATen's backward scatters every one of the ``H x W`` output gradients (measured at
     batch 8 to 256x256, 1 thread: 0.5-1.7 ms against 3.8 ms from 8x8 to 64x64). Under
-    tracing or ONNX export (which keep the spatial size dynamic) and on other devices it
-    is ``F.interpolate`` itself.
+    tracing or ONNX export (which keep the spatial size dynamic), under CPU autocast (which
+    would run the products in bfloat16) and on other devices it is ``F.interpolate`` itself.
     """
     (height, width), (source_height, source_width) = size, mask.shape[2:]
     small = 4 * source_height <= height and 4 * source_width <= width
     if (
         not small
         or mask.device.type != "cpu"
+        or torch.is_autocast_enabled("cpu")  # matrix products would run in bfloat16
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
     ):

@@ -381,6 +381,17 @@ class TestSideMapUpsampling:
         torch.testing.assert_close(ours, truth, rtol=0, atol=1e-12)
         torch.testing.assert_close(ours_grad, truth_grad, rtol=0, atol=1e-10)
 
+    def test_cpu_autocast_keeps_float32_interpolation(self):
+        # Matrix products under bfloat16 autocast would lose ~3 significant digits.
+        mask = torch.randn(2, 1, 8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = _upsample_side_map(mask, (64, 64))
+        truth = torch.nn.functional.interpolate(
+            mask, size=(64, 64), mode="bilinear", align_corners=True
+        )
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, truth, rtol=0, atol=1e-6)
+
     def test_float32_is_more_exact_than_aten(self):
         torch.manual_seed(0)
         mask = torch.randn(8, 1, 64, 64)
