@@ -27,7 +27,7 @@ from egeunet.engine import (
 )
 from egeunet.engine import protocols as engine_protocols
 from egeunet.engine import trainer as engine_trainer
-from egeunet.engine.reproducibility import machine_description
+from egeunet.engine.reproducibility import git_commit, machine_description
 from egeunet.losses import DeepSupervisionLoss
 from egeunet.model import EGEUNet, EGEUNetConfig
 
@@ -484,3 +484,34 @@ def test_device_pipeline_trains_and_resumes_bit_identically(tmp_path):
         assert torch.equal(expected[key], got[key]), key
     with pytest.raises(ValueError, match="pipeline: expected one of auto, loader, device"):
         train(TINY, tmp_path / "bad", progress=False, pipeline="gpu")
+
+
+def test_commit_is_dirty_for_code_changes_not_for_run_outputs(tmp_path):
+    """A study writing its run folders into a clone's reports/ leaves the commit clean;
+    an edited source file marks it -dirty."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    (tmp_path / "egeunet").mkdir()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "egeunet" / "code.py").write_text("x = 1\n")
+    (tmp_path / "reports" / "history.csv").write_text("epoch\n")
+
+    def git(*args):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, check=True, capture_output=True,
+        )  # fmt: skip
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    package = tmp_path / "egeunet"
+    head = git_commit(package)
+    assert head is not None and len(head) == 40
+    (tmp_path / "reports" / "history.csv").write_text("epoch\n1\n")
+    assert git_commit(package) == head
+    (tmp_path / "egeunet" / "code.py").write_text("x = 2\n")
+    assert git_commit(package) == head + "-dirty"

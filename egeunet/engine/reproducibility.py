@@ -33,9 +33,16 @@ def package_version() -> str:
         return "unknown"
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout holding this package, with ``-dirty`` if it has changes."""
-    where = Path(__file__).resolve().parent
+GENERATED_FOLDERS = ("reports",)
+"""Top-level folders of the checkout that hold what runs write, not code: changes there
+(a study writing its run folders into a clone) do not make a commit ``-dirty``."""
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """HEAD of the checkout holding this package (or ``where``), with ``-dirty`` if its
+    tracked files other than :data:`GENERATED_FOLDERS` have changes."""
+    where = where or Path(__file__).resolve().parent
+    excluded = [f":(top,exclude){folder}/" for folder in GENERATED_FOLDERS]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
@@ -43,7 +50,7 @@ def git_commit() -> str | None:
         if head.returncode:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded],
             cwd=where, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
