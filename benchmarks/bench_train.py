@@ -7,8 +7,9 @@ in the same run; prints figures, asserts nothing.
 Absolute images/s differ two- to three-fold between machines of the same nominal kind, so
 every figure is also given as a ratio to the **baseline**: a plain-PyTorch implementation
 of the published formulas (NCHW layout, autograd through the written-out channel
-LayerNorm, ``F.binary_cross_entropy_with_logits``, per-tensor AdamW), its forward +
-backward + AdamW step alone on one fixed batch (8 x 256 x 256), no data loading. Figures:
+LayerNorm, ``F.binary_cross_entropy_with_logits``, ``F.interpolate`` for the side maps,
+per-tensor AdamW), its forward + backward + AdamW step alone on one fixed batch
+(8 x 256 x 256), no data loading. Figures:
 
 * baseline: that step, and its eval-mode latency at batch 1;
 * whole pipeline: the engine's own training epoch (cached uint8 data, normalisation,
@@ -61,8 +62,10 @@ def _best_rate(run, images_per_call: int, calls: int, repeats: int) -> float:
 @contextlib.contextmanager
 def published_baseline():
     """The model and loss as the published code computes them: written-out LayerNorm with
-    autograd, ATen's BCE, NCHW layout (set by the caller on the model), no fused kernels."""
+    autograd, ATen's BCE, ATen's bilinear resize of the side maps, NCHW layout (set by the
+    caller on the model), no fused kernels."""
     from egeunet import losses
+    from egeunet import model as model_module
     from egeunet.model import ChannelLayerNorm, fused_kernels
 
     def written_out(self, x):
@@ -79,6 +82,7 @@ def published_baseline():
             mock.patch.object(
                 losses, "binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits
             ),
+            mock.patch.object(model_module, "_upsample_side_map", model_module._resize),
         ):
             yield
     finally:

@@ -358,17 +358,20 @@ def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 def _interpolation_matrix(source: int, target: int) -> Tensor:
     """``(target, source)`` float64 weights of 1-D linear interpolation with aligned corners:
     row ``i`` samples position ``i * (source - 1) / (target - 1)``, two weights per row."""
-    if source == 1:
-        return torch.ones(target, 1, dtype=torch.float64)
-    step = (source - 1) / (target - 1) if target > 1 else 0.0
-    position = torch.arange(target, dtype=torch.float64) * step
-    left = position.floor().long().clamp(max=source - 2)
-    right_weight = position - left
-    rows = torch.arange(target)
-    matrix = torch.zeros(target, source, dtype=torch.float64)
-    matrix[rows, left] = 1 - right_weight
-    matrix[rows, left + 1] += right_weight
-    return matrix
+    # Cached for the process: a plain CPU tensor, whatever mode or default device the
+    # first caller had (an inference tensor could not be saved for a later backward).
+    with torch.inference_mode(False):
+        if source == 1:
+            return torch.ones(target, 1, dtype=torch.float64, device="cpu")
+        step = (source - 1) / (target - 1) if target > 1 else 0.0
+        position = torch.arange(target, dtype=torch.float64, device="cpu") * step
+        left = position.floor().long().clamp(max=source - 2)
+        right_weight = position - left
+        rows = torch.arange(target, device="cpu")
+        matrix = torch.zeros(target, source, dtype=torch.float64, device="cpu")
+        matrix[rows, left] = 1 - right_weight
+        matrix[rows, left + 1] += right_weight
+        return matrix
 
 
 def _upsample_side_map(mask: Tensor, size: tuple[int, int]) -> Tensor:

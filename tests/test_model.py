@@ -381,6 +381,18 @@ class TestSideMapUpsampling:
         torch.testing.assert_close(ours, truth, rtol=0, atol=1e-12)
         torch.testing.assert_close(ours_grad, truth_grad, rtol=0, atol=1e-10)
 
+    def test_a_first_call_in_inference_mode_does_not_break_training(self):
+        # The weights are cached: built under inference_mode they would be an inference
+        # tensor, which a later float64 backward cannot save.
+        from egeunet.model import _interpolation_matrix
+
+        _interpolation_matrix.cache_clear()
+        with torch.inference_mode():
+            _upsample_side_map(torch.randn(1, 1, 3, 5, dtype=torch.float64), (24, 40))
+        mask = torch.randn(1, 1, 3, 5, dtype=torch.float64, requires_grad=True)
+        _upsample_side_map(mask, (24, 40)).sum().backward()
+        assert mask.grad is not None
+
     def test_cpu_autocast_keeps_float32_interpolation(self):
         # Matrix products under bfloat16 autocast would lose ~3 significant digits.
         mask = torch.randn(2, 1, 8, 8)
