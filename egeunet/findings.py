@@ -249,7 +249,8 @@ def _selection_bullets(tables: StudyTables, findings: Findings) -> None:
         parts = [
             f"{dataset_name(row['dataset'])} {signed(row['difference_mean'])} "
             f"± {number(row['difference_std'])} ({_seeds(int(row['pairs']))}, "
-            f"{_p(row['p_value'])}; the best epoch by DSC, an oracle, scored "
+            f"{_p(row['p_value'])}; the picked checkpoint scored "
+            f"{number(row['selected_mean'])}, the best epoch by DSC, an oracle, "
             f"{number(row['oracle_mean'])})"
             for _, row in selection.iterrows()
         ]

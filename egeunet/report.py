@@ -70,7 +70,7 @@ from egeunet.report_tables import (
     variant_order,
 )
 from egeunet.runfolder import CASES_FILE, RunFolder
-from egeunet.study_runs import LOCAL_COLUMNS, stage_summary
+from egeunet.study_runs import LOCAL_COLUMNS, NOT_IN_STUDY, stage_summary
 
 RUNS_DIR = "runs"
 REPORT_INPUTS = "report.json"
@@ -234,10 +234,11 @@ def _status_section(writer: _Writer, tables: StudyTables, study_file: str | None
         )
         summary = stage_summary(status)
         writer.text(markdown_table(format_stage_summary(summary)))
-        left = summary["remaining_hours"]
+        # Runs outside the study file are listed, but the study will not train them.
+        left = summary.loc[summary["stage"] != NOT_IN_STUDY, "remaining_hours"]
         if left.notna().all() and left.sum() > 0:
             writer.text(
-                f"Training still to run: about {left.sum():.0f} run-hours. Estimated per "
+                f"Training still to run: about {left.sum():.1f} run-hours. Estimated per "
                 "run: its epochs left times the median epoch time measured so far (first "
                 "epochs excluded) of the run itself, else of the nearest measured runs (same "
                 "dataset, model and protocol, then fewer in common). Those epochs ran as "

@@ -219,6 +219,17 @@ def _hardware(config_doc: dict) -> str:
     return ", ".join(str(part) for part in parts if part)
 
 
+def _model_name(config: dict) -> str | None:
+    """The model a run's TrainConfig trains (the default one when it names no switches);
+    None without a config or with model fields no EGEUNetConfig takes."""
+    if not config:
+        return None
+    try:
+        return EGEUNetConfig(**(config.get("model") or {})).name
+    except (TypeError, ValueError):
+        return None
+
+
 def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict:
     """Where one run stands, from its folder alone: status (done, unfinished, failed or
     not started), epochs done and planned, whether it can resume (``last.pt``), the
@@ -245,7 +256,7 @@ def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict
     return {
         "dataset": config.get("dataset"),
         "protocol": config.get("protocol"),
-        "model": EGEUNetConfig(**config["model"]).name if config.get("model") else None,
+        "model": _model_name(config),
         "status": status,
         "epochs_done": len(history),
         "epochs_planned": epochs if epochs is not None else planned_epochs,
@@ -305,7 +316,7 @@ dataset, model and protocol; the same dataset and model; the same dataset; any r
 
 def remaining_hours(status: pd.DataFrame) -> pd.Series:
     """Training hours each run of :func:`study_status` still needs (0 for a finished run):
-    its epochs left times the median ``epoch_seconds`` of the measured runs nearest to it
+    its epochs left (all of them when it cannot resume) times the median ``epoch_seconds`` of the measured runs nearest to it
     (:data:`ESTIMATE_SOURCES`); NaN while no run has a measured epoch. The figures are as
     fast as the machine was when those epochs ran: runs side by side, or other work beside
     them, make epochs slower."""
@@ -316,7 +327,9 @@ def remaining_hours(status: pd.DataFrame) -> pd.Series:
             estimates.append(0.0)
             continue
         planned = row["epochs_planned"]
-        left = max(planned - row["epochs_done"], 0) if pd.notna(planned) else None
+        # A run that cannot resume (no last.pt) trains all its epochs again.
+        done = row["epochs_done"] if row["resumable"] else 0
+        left = max(planned - done, 0) if pd.notna(planned) else None
         seconds = float("nan")
         for keys in ESTIMATE_SOURCES:
             same = measured

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,18 @@ def test_run_status_and_cost_tables(built):
     assert "| 1 headline | 3 | 3 | 0 | 0 | 0 |" in text
 
 
+def test_training_left_counts_the_study_runs_only(tmp_path):
+    """The report's total of training still to run covers the study file's runs; a run
+    folder outside it (here the failed seed 4, with no estimate) does not hide it."""
+    study_dir = write_full_study(tmp_path / "fixture")
+    shutil.rmtree(study_dir / "runs" / "isic2017-paper-unet-seed1")
+    report = rep.build_report(study_dir, study_file=write_study_file(tmp_path / "f.yaml"))
+    text = report.markdown_path.read_text()
+    # The unet runs' 4 s epochs estimate the missing one: EPOCHS of them.
+    assert f"Training still to run: about {EPOCHS * 4.0 / 3600:.1f} run-hours" in text
+    assert "| 2 ladder | 9 | 8 | 0 | 0 | 1 | 0.0 h |" in text
+
+
 def test_findings_state_the_numbers_in_words(built):
     study_dir, report = built
     found = json.loads((study_dir / "findings.json").read_text())
@@ -201,7 +214,10 @@ def test_findings_state_the_numbers_in_words(built):
     assert "could not be verified" in text and "88.70" in text and "79.81" not in text
     assert "one full cycle of the published cosine schedule" in text
     assert "+0.40 ± 0.20" in text and "[the full report](REPORT.md)" in text
-    assert "(lowest loss, as published)" in text and "an oracle, scored 89.00" in text
+    assert (
+        "(lowest loss, as published)" in text
+        and "picked checkpoint scored 89.00, the best epoch by DSC, an oracle, 89.00" in text
+    )
     markdown = report.markdown_path.read_text()
     assert markdown.index("## Findings") < markdown.index("## Run status")
 

@@ -123,7 +123,10 @@ def test_training_left_is_estimated_from_the_nearest_measured_epochs(study_dir, 
     (unfinished / "config.json").write_text(
         json.dumps({"config": {"dataset": "isic2017", "protocol": "clean", "model": {}}})
     )
+    (unfinished / "checkpoints").mkdir()
+    (unfinished / "checkpoints" / "last.pt").write_bytes(b"state")
     status = study_runs.study_status(runs_dir, write_study_file(tmp_path / "fixture.yaml"))
+    assert status.set_index("run_id").loc["isic2017-clean-egeunet-seed1", "model"] == "egeunet"
     left = status.set_index("run_id")["remaining_hours"]
     assert left["isic2017-paper-egeunet-seed1"] == 0.0  # done
     assert left["isic2017-clean-egeunet-seed1"] == pytest.approx((EPOCHS - 2) * 36.0 / 3600)
@@ -136,6 +139,11 @@ def test_training_left_is_estimated_from_the_nearest_measured_epochs(study_dir, 
         (EPOCHS - 2 + 2 * EPOCHS) * 36.0 / 3600
     )
     assert summary.loc["1 headline", "remaining_hours"] == 0.0
+    # Without its last.pt the run cannot resume: all its epochs are still to train.
+    (unfinished / "checkpoints" / "last.pt").unlink()
+    status = study_runs.study_status(runs_dir, write_study_file(tmp_path / "fixture.yaml"))
+    left = status.set_index("run_id")["remaining_hours"]
+    assert left["isic2017-clean-egeunet-seed1"] == pytest.approx(EPOCHS * 36.0 / 3600)
 
 
 def test_training_left_is_unknown_before_any_epoch_is_measured(tmp_path):

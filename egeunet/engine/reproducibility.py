@@ -53,6 +53,8 @@ def git_commit(where: Path | None = None) -> str | None:
             ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded],
             cwd=where, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
+        if dirty.returncode:  # clean or not is unknown: say only the commit's name
+            return head.stdout.strip() + "-unknown-changes"
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
