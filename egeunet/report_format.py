@@ -139,19 +139,17 @@ def format_status(status: pd.DataFrame) -> pd.DataFrame:
             else str(row["epochs_done"])
         )
         progress.append(text + (" (resumable)" if row["resumable"] else ""))
-    return pd.DataFrame(
+    shown = pd.DataFrame(
         {
             "stage": status["stage"].replace("", MISSING),
             "run": status["run_id"],
             "status": status["status"],
             "epochs": progress,
-            **(
-                {"training left (est.)": [hours(v) for v in status["remaining_hours"]]}
-                if "remaining_hours" in status
-                else {}
-            ),
         }
     )
+    if "remaining_hours" in status:
+        shown["training left (est.)"] = [hours(v) for v in status["remaining_hours"]]
+    return shown
 
 
 def format_comparison(table: pd.DataFrame) -> pd.DataFrame:

@@ -288,7 +288,7 @@ def study_status(runs_dir: str | Path, study_file: str | Path | None = None) -> 
             planned = {
                 "dataset": run.dataset,
                 "protocol": run.protocol,
-                "model": EGEUNetConfig(**run.parameters.get("model", {})).name,
+                "model": _model_name(run.parameters),
             }
             progress.update({k: v for k, v in planned.items() if progress[k] is None})
             rows.append({"stage": run.stage, "run_id": run.run_id, **progress})
@@ -316,8 +316,9 @@ dataset, model and protocol; the same dataset and model; the same dataset; any r
 
 def remaining_hours(status: pd.DataFrame) -> pd.Series:
     """Training hours each run of :func:`study_status` still needs (0 for a finished run):
-    its epochs left (all of them when it cannot resume) times the median ``epoch_seconds`` of the measured runs nearest to it
-    (:data:`ESTIMATE_SOURCES`); NaN while no run has a measured epoch. The figures are as
+    its epochs left (all of them when it cannot resume) times the median ``epoch_seconds``
+    of the measured runs nearest to it (:data:`ESTIMATE_SOURCES`); NaN while no run has a
+    measured epoch. The figures are as
     fast as the machine was when those epochs ran: runs side by side, or other work beside
     them, make epochs slower."""
     measured = status.dropna(subset=["epoch_seconds"])
@@ -357,9 +358,5 @@ def stage_summary(status: pd.DataFrame) -> pd.DataFrame:
     counts.insert(0, "runs", counts.sum(axis=1))
     if "remaining_hours" in status:
         by_stage = status.groupby("stage", sort=False)["remaining_hours"]
-        counts["remaining_hours"] = by_stage.sum(min_count=1).where(~by_stage.apply(_any_nan))
+        counts["remaining_hours"] = by_stage.agg(lambda hours: hours.sum(skipna=False))
     return counts.reset_index()
-
-
-def _any_nan(values: pd.Series) -> bool:
-    return bool(values.isna().any())
