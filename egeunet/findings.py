@@ -212,8 +212,9 @@ def _ablation_bullets(tables: StudyTables, findings: Findings) -> None:
                 f" The full model against {ladder[0]}: "
                 f"{signed(-base['difference_mean'])} ({_p(base['p_value'])})."
             )
-        pairs = int(group["seeds"].min())
-        text += f" With {_seeds(pairs)} per variant, read the p-values as indicative."
+        fewest, most = int(group["seeds"].min()), int(group["seeds"].max())
+        seeds = _seeds(most) if fewest == most else f"{fewest} to {most} seeds"
+        text += f" With {seeds} per variant, read the p-values as indicative."
         findings.numbers.setdefault("ablation", {})[f"{dataset}/{protocol}"] = numbers
         findings.bullets.append(text)
 
@@ -301,7 +302,12 @@ def _cost_bullet(tables: StudyTables, findings: Findings) -> None:
     findings.numbers["compute"] = total
     if cost.empty:
         return
-    devices = sorted(set(cost["hardware"].dropna().astype(str)) - {""})
+    hardware = cost["hardware"].fillna("").astype(str)
+    counts = hardware[hardware != ""].value_counts()
+    devices = [
+        f"{name} ({count} run{'s' if count != 1 else ''})"
+        for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ]
     findings.bullets.append(
         f"**Compute**: {number(total['wall_hours'], 1)} h of training wall time over "
         f"{total['runs']} run(s) ({number(total['core_hours'], 1)} core-hours), on "

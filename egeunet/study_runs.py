@@ -211,11 +211,13 @@ def _hardware(config_doc: dict) -> str:
     threads = config_doc.get("num_threads")
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    for machine in config_doc.get("machines") or []:
-        if isinstance(machine, dict):
-            name = machine.get("gpu") or machine.get("cpu")
-            cores = machine.get("cpu_count")
-            parts.append(f"{name} ({cores} cores)" if cores and not machine.get("gpu") else name)
+    machines = [m for m in config_doc.get("machines") or [] if isinstance(m, dict)]
+    for machine in machines:
+        name = machine.get("gpu") or machine.get("cpu")
+        cores = machine.get("cpu_count")
+        parts.append(f"{name} ({cores} cores)" if cores and not machine.get("gpu") else name)
+    if not machines:
+        parts.append("machine not recorded")
     return ", ".join(str(part) for part in parts if part)
 
 

@@ -182,7 +182,7 @@ def test_run_status_and_cost_tables(built):
     assert status.loc["isic2017-paper-egeunet-long-seed1", "status"] == "done"
     assert status.loc["isic2017-paper-egeunet-seed4", "status"] == "failed"
     cost = _table(study_dir, "cost")
-    assert len(cost) == 16 and set(cost["hardware"]) == {"cpu, 1 thread"}
+    assert len(cost) == 16 and set(cost["hardware"]) == {"cpu, 1 thread, machine not recorded"}
     assert cost["wall_hours"].sum() == pytest.approx(4.0 * (15 * EPOCHS + 2 * EPOCHS) / 3600)
     text = report.markdown_path.read_text()
     assert "| 1 headline | 3 | 3 | 0 | 0 | 0 |" in text
@@ -200,6 +200,16 @@ def test_training_left_counts_the_study_runs_only(tmp_path):
     assert "| 2 ladder | 9 | 8 | 0 | 0 | 1 | 0.0 h |" in text
 
 
+def test_ablation_finding_states_the_range_of_seeds(tmp_path):
+    """While a variant lacks a seed, the ablation finding gives the range of seeds per
+    variant, not the smallest count as if it held for every variant."""
+    study_dir = write_full_study(tmp_path / "fixture")
+    shutil.rmtree(study_dir / "runs" / "isic2017-paper-unet-seed1")
+    rep.build_report(study_dir)
+    text = (study_dir / "findings.md").read_text()
+    assert "With 2 to 3 seeds per variant, read the p-values as indicative." in text
+
+
 def test_findings_state_the_numbers_in_words(built):
     study_dir, report = built
     found = json.loads((study_dir / "findings.json").read_text())
@@ -213,6 +223,7 @@ def test_findings_state_the_numbers_in_words(built):
     text = (study_dir / "findings.md").read_text()
     assert "could not be verified" in text and "88.70" in text and "79.81" not in text
     assert "one full cycle of the published cosine schedule" in text
+    assert "on cpu, 1 thread, machine not recorded (16 runs); median" in text
     assert "+0.40 ± 0.20" in text and "[the full report](REPORT.md)" in text
     assert (
         "(lowest loss, as published)" in text
