@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -186,48 +186,51 @@ def _channel_layer_norm_backward(
 
 
 class FusedKernels:
-    """The channel LayerNorm's forward and backward compiled into fused loops (inductor).
+    """Chains of elementwise passes and reductions compiled into fused loops (inductor).
 
-    Each is a chain of five to eight elementwise passes and channel reductions; in eager
-    mode every pass reads and writes the whole tensor, and for GAB's 5-13 channels the
-    channel reductions vectorise poorly. Compiled with ``torch.compile(dynamic=True)``,
-    one kernel serves every shape (a few seconds to compile once per process, cached on
-    disk by inductor). Same formulas, float rounding aside; the float64 and float32
-    gradient tests run both paths.
+    The channel LayerNorm's forward and backward (five to eight passes each; for GAB's
+    5-13 channels the channel reductions vectorise poorly in eager mode) and the training
+    loss's sums and input gradient (:mod:`egeunet.losses`, six full-resolution maps per
+    step): in eager mode every pass reads and writes the whole tensor. Compiled with
+    ``torch.compile(dynamic=True)`` on first use, one kernel serves every batch and spatial
+    size (a few seconds to compile once per process, cached on disk by inductor). Same
+    formulas, float rounding aside; the float64 and float32 gradient tests run both paths.
 
-    Used only where gradients are recorded (training); inference, tracing (fvcore) and
-    higher-order gradients use the plain ops. Off by default in a library process; the
-    trainer turns it on (``TrainConfig.fused_kernels``), ``EGEUNET_FUSED_KERNELS=0`` keeps
-    it off everywhere. If compiling fails (no C++ compiler, an unsupported platform), a
-    warning says why once and the plain ops are used from then on.
+    The LayerNorm kernels are used only where gradients are recorded (training);
+    inference, tracing (fvcore) and higher-order gradients use the plain ops. Off by
+    default in a library process; the trainer turns it on (``TrainConfig.fused_kernels``),
+    ``EGEUNET_FUSED_KERNELS=0`` keeps it off everywhere. If compiling fails (no C++
+    compiler, an unsupported platform), a warning says why once and the plain ops are used
+    from then on.
     """
 
     def __init__(self) -> None:
         self.enabled = False
         self.failed: str | None = None
-        self._forward = None
-        self._backward = None
+        self._compiled: dict[Callable, Callable] = {}
 
     def enable(self, enabled: bool = True) -> bool:
         """Switch the fused kernels on or off; returns whether they are now in use."""
         allowed = os.environ.get("EGEUNET_FUSED_KERNELS", "1") != "0"
         self.enabled = bool(enabled) and allowed and self.failed is None
-        if self.enabled and self._forward is None:
+        if self.enabled:
             # Dynamo keeps a Parameter's shape static, so each channel count gets its own
-            # kernel (batch and spatial sizes stay symbolic): 20-30% faster than one kernel
-            # for every channel count, at ~0.3 s per extra kernel. A model has up to ~25
-            # channel counts; past the recompile limit dynamo would fall back to eager.
+            # LayerNorm kernel (batch and spatial sizes stay symbolic): 20-30% faster than
+            # one kernel for every channel count, at ~0.3 s per extra kernel. A model has up
+            # to ~25 channel counts; past the recompile limit dynamo would fall back to eager.
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             # Inductor's CPU build says "No CUDA runtime is found" on every compile of a
             # CUDA build of torch on a machine without a GPU: nothing a user can act on.
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            self._forward = torch.compile(_channel_layer_norm, dynamic=True)
-            self._backward = torch.compile(_channel_layer_norm_backward, dynamic=True)
         return self.enabled
 
-    def _call(self, compiled, plain, *args):
+    def run(self, plain: Callable, *args):
+        """``plain(*args)``, through its compiled kernel while the kernels are enabled."""
         if self.enabled:
+            compiled = self._compiled.get(plain)
+            if compiled is None:
+                compiled = self._compiled[plain] = torch.compile(plain, dynamic=True)
             try:
                 return compiled(*args)
             except Exception as error:  # any compiler failure: the plain ops (which raise
@@ -235,20 +238,20 @@ class FusedKernels:
                 self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                 self.enabled = False
                 warnings.warn(
-                    f"fused LayerNorm kernels unavailable ({self.failed}); using plain "
-                    "PyTorch ops (same results, slower training)",
+                    f"fused kernels unavailable ({self.failed}); using plain PyTorch ops "
+                    "(same results, slower training)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
         return plain(*args)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-        return self._call(self._forward, _channel_layer_norm, x, weight, bias, eps)
+        """The channel LayerNorm's forward (:func:`_channel_layer_norm`)."""
+        return self.run(_channel_layer_norm, x, weight, bias, eps)
 
     def backward(self, grad: Tensor, normalised: Tensor, rstd: Tensor, weight: Tensor):
-        return self._call(
-            self._backward, _channel_layer_norm_backward, grad, normalised, rstd, weight
-        )
+        """The channel LayerNorm's closed-form backward."""
+        return self.run(_channel_layer_norm_backward, grad, normalised, rstd, weight)
 
 
 fused_kernels = FusedKernels()

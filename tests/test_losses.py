@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from egeunet.losses import BceDice, DeepSupervisionLoss, binary_cross_entropy_with_logits
+from egeunet.losses import BceDice, DeepSupervisionLoss, bce_dice, bce_dice_written_out
 from egeunet.model import EGEUNet, EGEUNetConfig
 
 
@@ -52,33 +52,57 @@ def test_saturated_logits_give_finite_loss_and_gradients():
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_fast_bce_matches_torch_in_value_and_gradient(scale):
+def test_fused_loss_matches_the_written_out_formula_in_value_and_gradient(scale):
+    """The one-pass loss with its closed-form gradient against autograd through ATen's BCE
+    and the Dice formula, in float64, with hard and soft targets and (scale 30) saturated
+    logits; gradcheck compares the closed form with finite differences too."""
     generator = torch.Generator().manual_seed(2)
-    logits = (torch.randn(2, 1, 16, 16, generator=generator) * scale).requires_grad_()
-    target = torch.rand(2, 1, 16, 16, generator=generator)  # soft targets too
-    target[0] = (target[0] > 0.5).float()
-    ours = binary_cross_entropy_with_logits(logits, target)
-    (grad_ours,) = torch.autograd.grad(ours * 3, logits)
-    reference = F.binary_cross_entropy_with_logits(logits.double(), target.double())
-    (grad_reference,) = torch.autograd.grad(reference * 3, logits)
-    assert ours.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-7)
-    torch.testing.assert_close(grad_ours.double(), grad_reference.double(), rtol=1e-5, atol=1e-9)
-    double = logits.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x: binary_cross_entropy_with_logits(x, target.double()), (double,)
-    )
+    logits = torch.randn(3, 1, 16, 12, generator=generator, dtype=torch.float64) * scale
+    target = torch.rand(3, 1, 16, 12, generator=generator, dtype=torch.float64)
+    target[0] = (target[0] > 0.5).double()
+    target[1] = 0.0  # a sample without lesion
+    ours_input = logits.clone().requires_grad_()
+    ours = bce_dice(ours_input, target)
+    (grad_ours,) = torch.autograd.grad(ours * 3, ours_input)
+    reference_input = logits.clone().requires_grad_()
+    reference = bce_dice_written_out(reference_input, target)
+    (grad_reference,) = torch.autograd.grad(reference * 3, reference_input)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=1e-10, atol=1e-15)
+    if scale == 1.0:  # finite differences are meaningless on saturated logits
+        assert torch.autograd.gradcheck(
+            lambda x: bce_dice(x, target), (logits.clone().requires_grad_(),)
+        )
+
+
+def test_fused_loss_without_gradients_is_the_same_value():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 1, 8, 8, generator=generator)
+    target = (torch.rand(2, 1, 8, 8, generator=generator) > 0.5).float()
+    with torch.no_grad():
+        assert bce_dice(logits, target).item() == pytest.approx(
+            bce_dice_written_out(logits, target).item(), rel=1e-6
+        )
+
+
+def test_a_target_that_needs_gradients_gets_them():
+    logits = torch.randn(1, 1, 4, 4)
+    target = torch.rand(1, 1, 4, 4, requires_grad=True)
+    (gradient,) = torch.autograd.grad(bce_dice(logits, target), target)
+    (expected,) = torch.autograd.grad(bce_dice_written_out(logits, target), target)
+    torch.testing.assert_close(gradient, expected)
 
 
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         BceDice()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 2))
     with pytest.raises(ValueError, match="differ in shape"):  # no silent broadcasting
-        binary_cross_entropy_with_logits(torch.zeros(2, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+        bce_dice(torch.zeros(2, 1, 4, 4), torch.zeros(1, 1, 4, 4))
 
 
-def test_fast_bce_refuses_higher_order_gradients():
+def test_fused_loss_refuses_higher_order_gradients():
     logits = torch.randn(1, 1, 4, 4, requires_grad=True)
-    loss = binary_cross_entropy_with_logits(logits, torch.ones(1, 1, 4, 4))
+    loss = bce_dice(logits, torch.ones(1, 1, 4, 4))
     with pytest.raises(RuntimeError, match="first-order gradients only"):
         torch.autograd.grad(loss, logits, create_graph=True)
 

@@ -271,10 +271,9 @@ class TestForward:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
     def test_fast_paths_give_the_published_gradients(self, monkeypatch):
-        """Channels-last layout, the closed-form LayerNorm backward and the fast BCE against
+        """Channels-last layout, the closed-form LayerNorm backward and the one-pass loss against
         plain autograd through the published formulas in NCHW: the whole model's loss and
         every parameter gradient (float64) must agree."""
-        import torch.nn.functional as F
 
         from egeunet import losses
         from egeunet.losses import DeepSupervisionLoss
@@ -299,9 +298,7 @@ class TestForward:
             return self.weight[:, None, None] * x + self.bias[:, None, None]
 
         monkeypatch.setattr(ChannelLayerNorm, "forward", written_out)
-        monkeypatch.setattr(
-            losses, "binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits
-        )
+        monkeypatch.setattr(losses, "bce_dice", losses.bce_dice_written_out)
         model.to(memory_format=torch.contiguous_format)
         plain_loss, plain = loss_and_gradients()
         assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
