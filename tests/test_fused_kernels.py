@@ -40,6 +40,21 @@ def test_training_gradients_match_the_plain_ops(kernels_on):
         assert (fused[name] - gradient).abs().max().item() <= 1e-4 * scale, name
 
 
+def test_evaluation_runs_the_compiled_layer_norm_with_the_same_outputs(kernels_on):
+    from egeunet.model import _channel_layer_norm_output
+
+    torch.manual_seed(0)
+    model = EGEUNet().eval()
+    x = torch.rand(2, 3, 64, 96) * 255
+    with torch.inference_mode():
+        fused = model(x)
+        assert kernels_on.enabled and _channel_layer_norm_output in kernels_on._compiled
+        kernels_on.enable(False)
+        plain = model(x)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "0")
     kernels = FusedKernels()
