@@ -8,7 +8,10 @@ loses nothing and the next one continues where it stopped:
   the runner's ``outcome.json`` (what the report and the runner's skip/resume read);
 * a run that has not finished: its ``checkpoints/last.pt`` and ``checkpoints/best.pt``
   too (~1.3 MB), so that ``egeunet study`` run on the evidence folder resumes it;
-* a finished run: no checkpoints (they are removed from the evidence folder);
+* a finished run: no checkpoints (they are removed from the evidence folder), except
+  the ``checkpoints/best.pt`` (~310 KB, the model alone) of a ``clean``-protocol run of the
+  full model: ``egeunet ship-weights --study reports/<study>`` chooses the shipped weights
+  among those runs, which may finish in different sessions;
 * ``runs/02_complexity/complexity.csv`` (the report's parameter and MAC counts) and each
   ``runs/01_data-<dataset>/summary.json`` and ``split_counts.csv`` (image counts).
 
@@ -35,7 +38,9 @@ from egeunet.runfolder import (
     OUTCOME_FILE,
     PER_IMAGE_FILE,
     RunFolder,
+    read_json,
 )
+from egeunet.shipped import is_candidate
 
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PER_IMAGE_FILE, OUTCOME_FILE)
 RESUME_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT)
@@ -73,6 +78,12 @@ def _is_run_folder(path: Path) -> bool:
     return path.is_dir() and RunFolder(path).config.is_file()
 
 
+def _ships_from(run: Path) -> bool:
+    """Whether ``run`` is one the shipped weights may be chosen from (its best.pt stays)."""
+    config_doc = read_json(RunFolder(run).config) or {}
+    return is_candidate(config_doc.get("config") or {})
+
+
 def copy_evidence(source: str | Path, dest: str | Path) -> EvidenceChanges:
     """Bring ``dest`` (a study folder: ``dest/runs/<run>/``) up to date with ``source``.
 
@@ -97,8 +108,12 @@ def copy_evidence(source: str | Path, dest: str | Path) -> EvidenceChanges:
                 _copy(run / name, target / name, changes, f"{run.name}/{name}")
         if is_finished(run) and RunFolder(run).metrics.is_file():
             changes.finished.append(run.name)
+            kept = (BEST_CHECKPOINT,) if _ships_from(run) else ()
+            for name in kept:
+                if (run / name).is_file():
+                    _copy(run / name, target / name, changes, f"{run.name}/{name}")
             for name in RESUME_FILES:
-                if (target / name).exists():
+                if name not in kept and (target / name).exists():
                     (target / name).unlink()
                     changes.removed.append(f"{run.name}/{name}")
             continue

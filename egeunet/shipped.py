@@ -32,7 +32,7 @@ from egeunet.checkpoint import (
 from egeunet.fileio import sha256_file, write_json_atomic
 from egeunet.model import EGEUNetConfig
 from egeunet.runfolder import RunFolder, read_json
-from egeunet.study_runs import collect_runs
+from egeunet.study_runs import collect_runs, model_name
 
 SHIPPED_PROTOCOL = "clean"
 """Shipped weights are chosen on held-out validation data: the ``clean`` protocol."""
@@ -44,6 +44,15 @@ VALIDATION_SCORE = "val_dsc"
 SHIPPED_RECORDS = ("train_config", "protocol", "selection", "data_manifest_hash")
 """What a shipped file keeps of its run's checkpoint besides the model: how to feed it
 (image size, normalisation) and how it was chosen. Never optimiser or RNG state."""
+
+
+def is_candidate(train_config: dict) -> bool:
+    """Whether a run of this TrainConfig (config.json's ``config``) can supply shipped
+    weights: the full model trained under the ``clean`` protocol."""
+    full_model = EGEUNetConfig().name
+    return train_config.get("protocol") == SHIPPED_PROTOCOL and (
+        model_name(train_config) == full_model
+    )
 
 
 def validation_score(run_dir: str | Path, epoch: int) -> float:

@@ -52,15 +52,15 @@ def read_run(run_dir: str | Path) -> dict:
     config_doc = _read_json(run.config)
     metrics = _read_json(run.metrics)
     config = config_doc.get("config") or {}
-    model_name = EGEUNetConfig(**(config.get("model") or metrics.get("model") or {})).name
+    trained = EGEUNetConfig(**(config.get("model") or metrics.get("model") or {})).name
     row = {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "data_folder": config_doc.get("data_folder"),
         "dataset": config.get("dataset", "unknown"),
         "protocol": metrics.get("protocol", config.get("protocol", "unknown")),
-        "variant": model_name,
-        "model": model_name,
+        "variant": trained,
+        "model": trained,
         "seed": config.get("seed"),
         "epochs": config.get("epochs"),
         "t_max": config.get("t_max"),
@@ -221,7 +221,7 @@ def _hardware(config_doc: dict) -> str:
     return ", ".join(str(part) for part in parts if part)
 
 
-def _model_name(config: dict) -> str | None:
+def model_name(config: dict) -> str | None:
     """The model a run's TrainConfig trains (the default one when it names no switches);
     None without a config or with model fields no EGEUNetConfig takes."""
     if not config:
@@ -258,7 +258,7 @@ def run_progress(run_dir: str | Path, planned_epochs: int | None = None) -> dict
     return {
         "dataset": config.get("dataset"),
         "protocol": config.get("protocol"),
-        "model": _model_name(config),
+        "model": model_name(config),
         "status": status,
         "epochs_done": len(history),
         "epochs_planned": epochs if epochs is not None else planned_epochs,
@@ -290,7 +290,7 @@ def study_status(runs_dir: str | Path, study_file: str | Path | None = None) -> 
             planned = {
                 "dataset": run.dataset,
                 "protocol": run.protocol,
-                "model": _model_name(run.parameters),
+                "model": model_name(run.parameters),
             }
             progress.update({k: v for k, v in planned.items() if progress[k] is None})
             rows.append({"stage": run.stage, "run_id": run.run_id, **progress})

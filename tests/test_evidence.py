@@ -11,10 +11,10 @@ from egeunet.cli import main
 from egeunet.evidence import copy_evidence
 
 
-def _run(root: Path, name: str, finished: bool) -> Path:
+def _run(root: Path, name: str, finished: bool, config: dict | None = None) -> Path:
     run = root / "runs" / name
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text('{"config": {}}')
+    (run / "config.json").write_text(json.dumps({"config": config or {}}))
     (run / "history.csv").write_text("epoch,train_loss\n1,0.5\n")
     (run / "checkpoints" / "last.pt").write_bytes(b"last")
     (run / "checkpoints" / "best.pt").write_bytes(b"best")
@@ -80,6 +80,27 @@ def test_finished_runs_keep_evidence_only_and_unfinished_ones_their_resume_state
     ]
     assert not (dest / "runs/b-running/checkpoints/last.pt").exists()
     assert (dest / "runs/b-running/metrics.json").is_file()
+
+
+def test_finished_clean_runs_of_the_full_model_keep_best_pt_for_shipping(tmp_path):
+    """ship-weights chooses among the clean EGE-UNet runs, which finish in different
+    sessions: their best.pt stays in the evidence; last.pt and other runs' checkpoints go."""
+    source, dest = tmp_path / "study", tmp_path / "evidence"
+    clean = {"protocol": "clean", "model": {}}
+    _run(source, "isic2018-clean-egeunet-seed42", finished=False, config=clean)
+    _run(source, "isic2018-clean-unet-seed42", finished=False,
+         config={"protocol": "clean", "model": {"ghpa": False, "gab": False,
+                                                "deep_supervision": False}})  # fmt: skip
+    _run(source, "isic2018-paper-egeunet-seed42", finished=False, config={"protocol": "paper"})
+    copy_evidence(source, dest)
+    for name in ("isic2018-clean-egeunet-seed42", "isic2018-clean-unet-seed42",
+                 "isic2018-paper-egeunet-seed42"):  # fmt: skip
+        _finish(source / "runs" / name)
+    changes = copy_evidence(source, dest)
+    kept = {p for p in _files(dest) if p.endswith(".pt")}
+    assert kept == {"runs/isic2018-clean-egeunet-seed42/checkpoints/best.pt"}
+    assert "isic2018-clean-egeunet-seed42/checkpoints/last.pt" in changes.removed
+    assert copy_evidence(source, dest).copied == []  # kept, not copied again
 
 
 def test_bad_folders_are_named(tmp_path, capsys):
