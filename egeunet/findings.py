@@ -212,7 +212,8 @@ def _ablation_bullets(tables: StudyTables, findings: Findings) -> None:
                 f" The full model against {ladder[0]}: "
                 f"{signed(-base['difference_mean'])} ({_p(base['p_value'])})."
             )
-        fewest, most = int(group["seeds"].min()), int(group["seeds"].max())
+        seeds_per_variant = group.loc[group["variant"].isin(ladder), "seeds"]
+        fewest, most = int(seeds_per_variant.min()), int(seeds_per_variant.max())
         seeds = _seeds(most) if fewest == most else f"{fewest} to {most} seeds"
         text += f" With {seeds} per variant, read the p-values as indicative."
         findings.numbers.setdefault("ablation", {})[f"{dataset}/{protocol}"] = numbers

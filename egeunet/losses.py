@@ -123,8 +123,12 @@ def bce_dice_written_out(
 def bce_dice(logits: Tensor, target: Tensor, smoothing: float = DICE_SMOOTHING) -> Tensor:
     """``BCE(logits, target) + Dice loss`` of ``(B, K, H, W)`` logits and target in [0, 1]
     (same shape), in one fused pass with a closed-form gradient for the logits. A target
-    that needs gradients goes through :func:`bce_dice_written_out`."""
+    that needs gradients goes through :func:`bce_dice_written_out`. Half-precision logits
+    are computed in float32 (a sum over a batch of maps overflows float16)."""
     _check_shapes(logits, target)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target = target.to(logits.dtype)
     if target.requires_grad:
         return bce_dice_written_out(logits, target, smoothing)
     flat_logits, flat_target = logits.flatten(1), target.flatten(1)  # (B, K*H*W)
@@ -145,8 +149,7 @@ class BceDice(nn.Module):
         self.smoothing = smoothing
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits = logits.float()  # the loss stays in float32 under autocast
-        return bce_dice(logits, target.to(logits.dtype), self.smoothing)
+        return bce_dice(logits.float(), target, self.smoothing)
 
 
 class DeepSupervisionLoss(nn.Module):

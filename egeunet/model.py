@@ -196,18 +196,22 @@ class FusedKernels:
     The channel LayerNorm's forward and backward (five to eight passes each; for GAB's
     5-13 channels the channel reductions vectorise poorly in eager mode) and the training
     loss's sums and input gradient (:mod:`egeunet.losses`, six full-resolution maps per
-    step): in eager mode every pass reads and writes the whole tensor. Compiled with
-    ``torch.compile(dynamic=True)`` on first use, one kernel serves every batch and spatial
-    size (a few seconds to compile once per process, cached on disk by inductor). Same
-    formulas, float rounding aside; the float64 and float32 gradient tests run both paths.
+    step): in eager mode every pass reads and writes the whole tensor. Each module-level
+    function handed to :meth:`run` is compiled with ``torch.compile(dynamic=True)`` on first
+    use (a few seconds per process, cached on disk by inductor); batch and spatial sizes
+    stay symbolic, but dynamo compiles a variant per channel count (a Parameter's shape is
+    static), per thread count and for batch size 1. Same formulas, float rounding aside
+    (sums differ from eager in about the sixth digit); the float32 gradient and evaluation
+    tests compare both paths, the float64 ones check the plain ops.
 
     The LayerNorm runs them in training and in the trainer's evaluation passes (forward
-    only: 12-20% faster evaluation); tracing (fvcore), ONNX export and higher-order
-    gradients use the plain ops. Off by default in a library process (``egeunet predict``
-    and the app do not wait for compilation); the trainer turns it on (``TrainConfig.fused_kernels``),
-    ``EGEUNET_FUSED_KERNELS=0`` keeps it off everywhere. If compiling fails (no C++
+    only: 12-20% faster evaluation); tracing (fvcore) and ONNX export use the plain ops.
+    Off by default in a library process (``egeunet predict``, ``egeunet evaluate`` and the
+    app do not wait for compilation); the trainer turns them on, and
+    ``EGEUNET_FUSED_KERNELS=0`` keeps them off everywhere. If compiling fails (no C++
     compiler, an unsupported platform), a warning says why once and the plain ops are used
-    from then on.
+    from then on; an error the plain ops raise too (bad inputs, out of memory) is raised as
+    theirs and leaves the kernels on.
     """
 
     def __init__(self) -> None:
@@ -220,36 +224,42 @@ class FusedKernels:
         allowed = os.environ.get("EGEUNET_FUSED_KERNELS", "1") != "0"
         self.enabled = bool(enabled) and allowed and self.failed is None
         if self.enabled:
-            # Dynamo keeps a Parameter's shape static, so each channel count gets its own
-            # LayerNorm kernel (batch and spatial sizes stay symbolic): 20-30% faster than
-            # one kernel for every channel count, at ~0.3 s per extra kernel. A model has up
-            # to ~25 channel counts; past the recompile limit dynamo would fall back to eager.
+            # Variants per function: the model's channel counts (14 for the default widths,
+            # up to ~30 with the ablations), times the thread counts the adaptive threads
+            # use, times batch size 1 or more. Past the limits dynamo silently runs a
+            # function eagerly, so they are sized for every core count this machine allows.
+            variants = 32 * 2 * max(2, os.cpu_count() or 2)
             dynamo_config = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, variants)
+            dynamo_config.accumulated_recompile_limit = max(
+                dynamo_config.accumulated_recompile_limit, 8 * variants
+            )
             # Inductor's CPU build says "No CUDA runtime is found" on every compile of a
             # CUDA build of torch on a machine without a GPU: nothing a user can act on.
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         return self.enabled
 
     def run(self, plain: Callable, *args):
-        """``plain(*args)``, through its compiled kernel while the kernels are enabled."""
-        if self.enabled:
-            compiled = self._compiled.get(plain)
-            if compiled is None:
-                compiled = self._compiled[plain] = torch.compile(plain, dynamic=True)
-            try:
-                return compiled(*args)
-            except Exception as error:  # any compiler failure: the plain ops (which raise
-                # again if the error was in the inputs, not the compiler)
-                self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-                self.enabled = False
-                warnings.warn(
-                    f"fused kernels unavailable ({self.failed}); using plain PyTorch ops "
-                    "(same results, slower training)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return plain(*args)
+        """``plain(*args)`` (a module-level function: the cache is keyed by it), through its
+        compiled kernel while the kernels are enabled."""
+        if not self.enabled:
+            return plain(*args)
+        compiled = self._compiled.get(plain)
+        if compiled is None:
+            compiled = self._compiled[plain] = torch.compile(plain, dynamic=True)
+        try:
+            return compiled(*args)
+        except Exception as error:
+            compiler_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        result = plain(*args)  # raises by itself if the inputs were at fault: kernels stay on
+        self.failed, self.enabled = compiler_error, False
+        warnings.warn(
+            f"fused kernels unavailable ({compiler_error}); using plain PyTorch ops "
+            "(same results, slower training)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return result
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
         """The channel LayerNorm's forward (:func:`_channel_layer_norm`)."""

@@ -216,7 +216,7 @@ def _hardware(config_doc: dict) -> str:
         name = machine.get("gpu") or machine.get("cpu")
         cores = machine.get("cpu_count")
         parts.append(f"{name} ({cores} cores)" if cores and not machine.get("gpu") else name)
-    if not machines:
+    if parts and not machines:
         parts.append("machine not recorded")
     return ", ".join(str(part) for part in parts if part)
 

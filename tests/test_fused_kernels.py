@@ -59,7 +59,9 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "0")
     kernels = FusedKernels()
     assert not kernels.enable()
-    assert kernels._compiled == {}  # nothing compiled
+    x, weight, bias = torch.randn(2, 5, 4, 4), torch.randn(5), torch.randn(5)
+    kernels.forward(x, weight, bias, 1e-6)
+    assert kernels._compiled == {}  # ran the plain ops, compiled nothing
 
 
 def test_a_compiler_failure_falls_back_to_the_plain_ops_with_one_warning(monkeypatch):
@@ -80,3 +82,14 @@ def test_a_compiler_failure_falls_back_to_the_plain_ops_with_one_warning(monkeyp
 
 def _broken(*args, **kwargs):
     raise RuntimeError("no C++ compiler here")
+
+
+def test_an_error_of_the_inputs_is_raised_and_leaves_the_kernels_on(monkeypatch):
+    monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "1")
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
+    kernels = FusedKernels()
+    assert kernels.enable()
+    x = torch.randn(2, 5, 4, 4)
+    with pytest.raises(RuntimeError):  # 5 channels against a 4-channel weight
+        kernels.forward(x, torch.randn(4), torch.randn(4), 1e-6)
+    assert kernels.enabled and kernels.failed is None

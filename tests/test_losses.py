@@ -85,6 +85,18 @@ def test_fused_loss_without_gradients_is_the_same_value():
         )
 
 
+def test_half_precision_logits_are_summed_in_float32():
+    """A batch of 8 maps at 256x256 sums to more than float16 can hold (65504)."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 1, 256, 256, generator=generator) * 2
+    target = (torch.rand(8, 1, 256, 256, generator=generator) > 0.7).float()
+    reference = bce_dice_written_out(logits.double(), target.double()).item()
+    for dtype in (torch.float16, torch.bfloat16):
+        loss = bce_dice(logits.to(dtype), target)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(reference, rel=1e-2), dtype
+
+
 def test_a_target_that_needs_gradients_gets_them():
     logits = torch.randn(1, 1, 4, 4)
     target = torch.rand(1, 1, 4, 4, requires_grad=True)

@@ -110,6 +110,7 @@ def test_hardware_names_every_machine_a_run_trained_on():
     assert study_runs._hardware(described) == "cuda:0, 2 threads, AMD EPYC (2 cores), NVIDIA H200"
     # Runs from before machines were recorded say so instead of naming only the device.
     assert study_runs._hardware({"device": "cpu"}) == "cpu, machine not recorded"
+    assert study_runs._hardware({}) == ""  # no config.json: nothing recorded at all
 
 
 def test_training_left_is_estimated_from_the_nearest_measured_epochs(study_dir, tmp_path):
