@@ -64,11 +64,17 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert kernels._compiled == {}  # ran the plain ops, compiled nothing
 
 
-def test_a_compiler_failure_falls_back_to_the_plain_ops_with_one_warning(monkeypatch):
+def _kernels_compiled_as(monkeypatch, compile_to) -> FusedKernels:
+    """Enabled kernels whose ``torch.compile`` returns ``compile_to(function)``."""
     monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "1")
-    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: _broken)
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_to(function))
     kernels = FusedKernels()
     assert kernels.enable()
+    return kernels
+
+
+def test_a_compiler_failure_falls_back_to_the_plain_ops_with_one_warning(monkeypatch):
+    kernels = _kernels_compiled_as(monkeypatch, lambda function: _broken)
     x = torch.randn(2, 5, 4, 4)
     weight, bias = torch.randn(5), torch.randn(5)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
@@ -85,10 +91,7 @@ def _broken(*args, **kwargs):
 
 
 def test_an_error_of_the_inputs_is_raised_and_leaves_the_kernels_on(monkeypatch):
-    monkeypatch.setenv("EGEUNET_FUSED_KERNELS", "1")
-    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
-    kernels = FusedKernels()
-    assert kernels.enable()
+    kernels = _kernels_compiled_as(monkeypatch, lambda function: function)
     x = torch.randn(2, 5, 4, 4)
     with pytest.raises(RuntimeError):  # 5 channels against a 4-channel weight
         kernels.forward(x, torch.randn(4), torch.randn(4), 1e-6)
