@@ -96,9 +96,16 @@ def candidate_runs(study_dir: str | Path, dataset: str) -> pd.DataFrame:
     )
 
 
-def ship_run(run_dir: str | Path, name: str, out_folder: str | Path = WEIGHTS_FOLDER) -> Path:
+def ship_run(
+    run_dir: str | Path,
+    name: str,
+    out_folder: str | Path = WEIGHTS_FOLDER,
+    chosen_from: list[dict] | None = None,
+) -> Path:
     """Write the best checkpoint of ``run_dir`` as shipped weights ``name`` into
-    ``out_folder`` (``<name>.pt`` and its provenance ``<name>.json``); returns the .pt path."""
+    ``out_folder`` (``<name>.pt`` and its provenance ``<name>.json``); returns the .pt path.
+    ``chosen_from``: the candidate runs it was chosen among (run and validation DSC), kept
+    in the provenance so a reader sees how many finished runs the choice had."""
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     metrics, config_doc = read_json(folder.metrics), read_json(folder.config)
@@ -136,6 +143,7 @@ def ship_run(run_dir: str | Path, name: str, out_folder: str | Path = WEIGHTS_FO
         "counts": config_doc.get("counts"),
         "best_epoch": epoch,
         "validation_dsc": validation_score(run_dir, epoch),
+        "chosen_from": chosen_from,
         "test": {
             "split": metrics.get("split"),
             "num_images": metrics.get("num_images"),
@@ -156,7 +164,11 @@ def ship_best(
     """Ship the study's best clean run on ``dataset`` (by validation DSC) as ``name``
     (default: the dataset's name); returns the written file and the candidates table."""
     candidates = candidate_runs(study_dir, dataset)
-    weights = ship_run(candidates.loc[0, "run_dir"], name or dataset, out_folder)
+    chosen_from = [
+        {"run": row.run_id, "validation_dsc": row.validation_dsc, "best_epoch": int(row.best_epoch)}
+        for row in candidates.itertuples()
+    ]
+    weights = ship_run(candidates.loc[0, "run_dir"], name or dataset, out_folder, chosen_from)
     return weights, candidates
 
 

@@ -73,6 +73,10 @@ def test_shipped_file_is_model_only_with_provenance(study: Path, tmp_path: Path)
     assert provenance["git_commit"] == config["git_commit"]
     assert provenance["data_manifest_hash"] == config["data_manifest_hash"]
     assert provenance["validation_dsc"] == 0.80
+    assert [c["run"] for c in provenance["chosen_from"]] == [
+        "synthetic-clean-egeunet-seed2",
+        "synthetic-clean-egeunet-seed1",
+    ]
     assert provenance["test"]["pooled"]["dsc"] == 0.60
     assert provenance["train_config"]["seed"] == 2
     shipped, source = load_model(weights).model, load_model(run_dir / "checkpoints" / "best.pt")
