@@ -215,8 +215,11 @@ def test_served_notebook_is_the_inference_notebook_without_the_folder_part(check
     assert any("lesion_app(" in c.source for c in notebook.cells)
 
 
-def test_app_command_fails_clearly(checkpoint, capsys):
-    assert cli_main(["app"]) == 2  # the default, shipped weights, is not there yet
+def test_app_command_fails_clearly(checkpoint, capsys, monkeypatch, tmp_path):
+    from egeunet import checkpoint as checkpoints
+
+    monkeypatch.setattr(checkpoints, "WEIGHTS_FOLDER", tmp_path)  # no shipped weights here
+    assert cli_main(["app"]) == 2  # the default, shipped weights, is not installed
     assert "no shipped weights are installed yet" in capsys.readouterr().err
     assert cli_main(["app", "--weights", str(checkpoint), "--threshold", "1.5"]) == 2
     assert "--threshold must lie strictly between 0 and 1" in capsys.readouterr().err

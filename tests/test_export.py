@@ -166,7 +166,8 @@ def test_onnx_backend_refuses_foreign_files(exported, tmp_path):
         load_backend(onnx_file, "tensorrt")
 
 
-def test_export_and_predict_options_fail_clearly(exported, tmp_path, capsys):
+def test_export_and_predict_options_fail_clearly(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "WEIGHTS_FOLDER", tmp_path)  # nothing shipped here
     checkpoint, onnx_file, _ = exported
     image = tmp_path / "image.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)

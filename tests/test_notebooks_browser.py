@@ -55,7 +55,7 @@ NOTEBOOKS = {
         texts=("study_dir: the newest study found: reports/isic", "Findings", "run_status"),
     ),
     "05_inference": Expected(
-        texts=("checkpoint: no shipped weights are installed yet", "example_4.png"),
+        texts=("checkpoint: the shipped weights 'isic2018'", "example_4.png"),
         images=1,
         selectors=(".egeunet-upload", ".egeunet-threshold"),
     ),
