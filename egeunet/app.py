@@ -38,7 +38,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from egeunet.checkpoint import SHIPPED_WEIGHTS, load_model, resolve_weights
+from egeunet.checkpoint import (
+    DEFAULT_SHIPPED_WEIGHTS,
+    SHIPPED_WEIGHTS,
+    load_model,
+    resolve_weights,
+)
 from egeunet.data.prepare import DECODE_ERRORS, WIDE_GREY_MODES, image_error
 from egeunet.fileio import write_text_atomic
 from egeunet.metrics import THRESHOLD
@@ -67,7 +72,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
     ]
 )
 DEFAULT_PORT = 8866
-DEFAULT_WEIGHTS = "isic2018"
+DEFAULT_WEIGHTS = DEFAULT_SHIPPED_WEIGHTS
 APP_NOTEBOOK = "05_inference.ipynb"
 FOLDER_TAG = "folder"
 LINK_STYLE = "color: var(--jp-content-link-color, #1565c0); text-decoration: underline"

@@ -45,6 +45,9 @@ SHIPPED_WEIGHTS = {
 """Names of the weights the package ships (trained by the real study), and their files in
 :data:`WEIGHTS_FOLDER`."""
 
+DEFAULT_SHIPPED_WEIGHTS = "isic2018"
+"""The shipped weights the app and the inference notebook use unless told otherwise."""
+
 
 def resolve_weights(weights: str | os.PathLike) -> Path:
     """The checkpoint file ``weights`` names: an existing file as given, else the file of a

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from egeunet.checkpoint import SHIPPED_WEIGHTS, WEIGHTS_FOLDER
+from egeunet.checkpoint import DEFAULT_SHIPPED_WEIGHTS, SHIPPED_WEIGHTS, WEIGHTS_FOLDER
 from egeunet.paths import project_root, resolve_existing, resolve_output
 
 REPORTS = "reports"
@@ -102,10 +102,11 @@ def _run_description(checkpoint: Path) -> tuple[bool, str]:
 
 
 def default_weights(reports: str | os.PathLike = REPORTS) -> Choice:
-    """The shipped weights (``isic2017``, then ``isic2018``) when installed; else the
-    newest ``best.pt`` under ``reports/*/runs`` and ``runs/``, one trained on real images
-    first. FileNotFoundError, saying what to pass, when there is none."""
-    for name, file in SHIPPED_WEIGHTS.items():
+    """The shipped weights (``isic2018``, the app's default too, then ``isic2017``) when
+    installed; else the newest ``best.pt`` under ``reports/*/runs`` and ``runs/``, one
+    trained on real images first. FileNotFoundError, saying what to pass, when there is none."""
+    for name in sorted(SHIPPED_WEIGHTS, key=lambda n: n != DEFAULT_SHIPPED_WEIGHTS):
+        file = SHIPPED_WEIGHTS[name]
         if (WEIGHTS_FOLDER / file).is_file():
             return Choice(WEIGHTS_FOLDER / file, f"the shipped weights {name!r}")
     found = [

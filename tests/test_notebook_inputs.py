@@ -58,7 +58,9 @@ def test_default_weights_prefer_shipped_then_real_data_then_newest(project):
     assert "no shipped weights are installed yet" in chosen.note
     assert "trained on isic2017, 3 of 5 epochs, not finished" in chosen.note
     (project / "weights").mkdir()
-    (project / "weights" / "isic2018.pt").write_bytes(b"shipped")
+    (project / "weights" / "isic2017.pt").write_bytes(b"shipped")
+    assert inputs.default_weights().note == "the shipped weights 'isic2017'"
+    (project / "weights" / "isic2018.pt").write_bytes(b"shipped")  # the default, when both are
     assert inputs.default_weights().note == "the shipped weights 'isic2018'"
 
 
