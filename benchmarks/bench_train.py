@@ -14,15 +14,19 @@ per-tensor AdamW), its forward + backward + AdamW step alone on one fixed batch
 * baseline: that step, and its eval-mode latency at batch 1;
 * whole pipeline: the engine's own training epoch (cached uint8 data, normalisation,
   augmentation, forward, loss, backward, AdamW step) on ISIC 2017 prepared from
-  ``<repo>/../shared/data/isic2017`` (or ``--data-root``), else on the synthetic set;
+  ``<repo>/../shared/data/isic2017`` (or ``--data-root``), else on the synthetic set, in
+  the trainer's default arrangement (with 2 or more threads: two processes sharing every
+  step, ``egeunet.engine.parallel``) and in one process with every thread;
 * our forward + backward + step alone (same batch as the baseline);
 * a study's aggregate: two whole pipelines side by side, one thread each, in two
   processes (how ``egeunet study`` runs on a 2-core machine);
-* evaluation: the engine's evaluation pass (no autograd) over up to 650 images;
+* evaluation: the trainer's evaluation pass after an epoch (no autograd) over up to 650
+  images, in both arrangements;
 * inference latency per image at batch 1 and 8 (eval mode, inference_mode);
 * contention: the whole pipeline while a busy-loop process (started and stopped here)
-  keeps one core busy, with the trainer's adaptive threads and with 2 fixed threads,
-  against one thread on an idle core.
+  keeps one core busy, in the trainer's default arrangement, in one process with its
+  adaptive threads and in one process with 2 fixed threads, against one thread on an
+  idle core.
 """
 
 from __future__ import annotations
@@ -137,7 +141,10 @@ def inference_ms_per_image(size: int, batch_size: int, calls: int, baseline: boo
         return 1000.0 / _best_rate(run, batch_size, calls, repeats=3)
 
 
-def _trainer(data_root: Path | None, batches: int, size: int, batch_size: int, run_dir: str):
+def _trainer(
+    data_root: Path | None, batches: int, size: int, batch_size: int, run_dir: str,
+    processes: int | None,
+):  # fmt: skip
     from egeunet.engine import TrainConfig, Trainer
 
     config = TrainConfig(
@@ -150,21 +157,21 @@ def _trainer(data_root: Path | None, batches: int, size: int, batch_size: int, r
         device="cpu",
     )
     threads = None if os.environ.get("BENCH_THREADS") is None else int(os.environ["BENCH_THREADS"])
-    return Trainer(config, run_dir, progress=False, threads=threads)
+    return Trainer(config, run_dir, progress=False, threads=threads, processes=processes)
 
 
 def whole_pipeline(
-    data_root: Path | None, batches: int, size: int, batch_size: int, repeats: int
-) -> dict:
+    data_root: Path | None, batches: int, size: int, batch_size: int, repeats: int,
+    processes: int | None = None,
+) -> dict:  # fmt: skip
     """Images/s of ``repeats`` timed training epochs of ``batches`` batches each, after one
     warm-up epoch (compilation, first-call allocations, page cache), and of one evaluation
     pass over the protocol's validation part (with the paper protocol on ISIC 2017: the
-    650 test images, evaluated after every epoch), after one warm-up pass."""
-    from egeunet.engine import evaluate_loader
-
+    650 test images, evaluated after every epoch), after one warm-up pass. ``processes``:
+    the trainer's (None: its default, a helper process where it has 2 or more threads)."""
     rates = []
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = _trainer(data_root, batches, size, batch_size, run_dir)
+        trainer = _trainer(data_root, batches, size, batch_size, run_dir, processes)
         trainer.train_epoch(1)
         for epoch in range(2, repeats + 2):
             started = time.perf_counter()
@@ -173,14 +180,12 @@ def whole_pipeline(
 
         def evaluation_pass() -> float:
             started = time.perf_counter()
-            evaluate_loader(
-                trainer.model, trainer.val_loader, trainer.splits.val, trainer.loss_fn,
-                trainer.device,
-            )  # fmt: skip
+            trainer.evaluate_validation()
             return len(trainer.splits.val) / (time.perf_counter() - started)
 
         evaluation_pass()  # the first compiles the evaluation kernels, as epoch 1 of a run does
         eval_rate = evaluation_pass()
+        trainer.close()
     return {
         "data": f"{trainer.prepared.name} ({len(trainer.prepared)} prepared images)",
         "rates": rates,
@@ -188,15 +193,20 @@ def whole_pipeline(
         "eval_rate": eval_rate,
         "eval_images": len(trainer.splits.val),
         "threads_at_end": torch.get_num_threads(),
+        "processes": trainer.processes,
         "thread_changes": trainer.threads.changes,
     }
 
 
 def pipeline_in_subprocesses(
-    args: argparse.Namespace, data_root: Path | None, count: int, threads: int | None
+    args: argparse.Namespace,
+    data_root: Path | None,
+    count: int,
+    threads: int | None,
+    processes: int | None = None,
 ) -> list[dict]:
     """``count`` whole pipelines at once, each in its own process with ``threads`` threads
-    (None: the trainer's adaptive threads)."""
+    (None: the trainer's adaptive threads) and the trainer's ``processes``."""
     command = [sys.executable, __file__, "--pipeline-only", "--batches", str(args.batches)]
     command += ["--repeats", str(args.repeats), "--image-size", str(args.image_size)]
     command += ["--batch-size", str(args.batch_size)]
@@ -206,12 +216,15 @@ def pipeline_in_subprocesses(
         environment["EGEUNET_ADAPTIVE_THREADS"] = "1"
     else:
         environment.update(BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    processes = [
+    environment.pop("EGEUNET_PROCESSES", None)
+    if processes is not None:
+        environment["EGEUNET_PROCESSES"] = str(processes)
+    children = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
         for _ in range(count)
     ]
     results = []
-    for process in processes:
+    for process in children:
         out, _ = process.communicate()
         if process.returncode:
             raise RuntimeError(f"benchmark subprocess failed (exit {process.returncode})")
@@ -279,23 +292,31 @@ def main() -> None:
         f"batch {batch}: {baseline:.1f} images/s; eval latency batch 1: {baseline_ms:.1f} ms"
     )
     pipeline = whole_pipeline(data_root, args.batches, size, batch, args.repeats)
-    rates = pipeline["rates"]
-    print(
-        f"training, whole pipeline on {pipeline['data']}, {size}x{size}, batch {batch}: "
-        f"{pipeline['median']:.1f} images/s = {_ratio(pipeline['median'], baseline)} baseline "
-        f"(median of {len(rates)} epochs of {args.batches} batches; min {min(rates):.1f}, "
-        f"max {max(rates):.1f})"
-    )
+    one_process = whole_pipeline(data_root, args.batches, size, batch, args.repeats, processes=1)
+    for label, result in (("default", pipeline), ("one process", one_process)):
+        rates = result["rates"]
+        count = result["processes"]
+        each = max(1, threads // count)
+        arrangement = (
+            f"{count} process{'es' if count > 1 else ''} x {each} thread{'s' if each > 1 else ''}"
+        )
+        print(
+            f"training, whole pipeline ({label}: {arrangement}) on {result['data']}, "
+            f"{size}x{size}, batch {batch}: {result['median']:.1f} images/s = "
+            f"{_ratio(result['median'], baseline)} baseline (median of {len(rates)} epochs "
+            f"of {args.batches} batches; min {min(rates):.1f}, max {max(rates):.1f})"
+        )
     ours = step_rate(size, batch, calls, baseline=False)
     print(
         f"training, forward+backward+step alone, batch {batch}: {ours:.1f} images/s = "
         f"{_ratio(ours, baseline)} baseline"
     )
-    print(
-        f"evaluation pass after an epoch ({pipeline['eval_images']} validation images, no "
-        f"autograd): {pipeline['eval_rate']:.1f} images/s = "
-        f"{_ratio(pipeline['eval_rate'], baseline)} baseline training rate"
-    )
+    for label, result in (("default", pipeline), ("one process", one_process)):
+        print(
+            f"evaluation pass after an epoch ({label}; {result['eval_images']} validation "
+            f"images, no autograd): {result['eval_rate']:.1f} images/s = "
+            f"{_ratio(result['eval_rate'], baseline)} baseline training rate"
+        )
     for inference_batch in (1, 8):
         ms = inference_ms_per_image(size, inference_batch, calls=10, baseline=False)
         relative = f" = {ms / baseline_ms:.2f}x baseline latency" if inference_batch == 1 else ""
@@ -307,19 +328,27 @@ def main() -> None:
         each = ", ".join(f"{result['median']:.1f}" for result in side_by_side)
         print(
             f"study aggregate, two runs side by side with 1 thread each: {total:.1f} images/s "
-            f"({each}) = {_ratio(total, baseline)} baseline; one 2-thread run: "
+            f"({each}) = {_ratio(total, baseline)} baseline; one run: "
             f"{pipeline['median']:.1f}"
         )
     if not args.skip_contention:
         (idle_one,) = pipeline_in_subprocesses(args, data_root, count=1, threads=1)
         with busy_core():
-            (adaptive,) = pipeline_in_subprocesses(args, data_root, count=1, threads=None)
-            (fixed_two,) = pipeline_in_subprocesses(args, data_root, count=1, threads=2)
+            (default,) = pipeline_in_subprocesses(args, data_root, count=1, threads=None)
+            (adaptive,) = pipeline_in_subprocesses(
+                args, data_root, count=1, threads=None, processes=1
+            )
+            (fixed_two,) = pipeline_in_subprocesses(
+                args, data_root, count=1, threads=2, processes=1
+            )
         print(
-            f"contention, one core kept busy by another process: adaptive threads "
-            f"{adaptive['median']:.1f} images/s (ended on {adaptive['threads_at_end']} "
-            f"thread(s)) = {adaptive['median'] / idle_one['median']:.2f}x one idle core "
-            f"({idle_one['median']:.1f}); 2 fixed threads {fixed_two['median']:.1f}"
+            f"contention, one core kept busy by another process: the default "
+            f"({default['processes']} processes) {default['median']:.1f} images/s = "
+            f"{default['median'] / idle_one['median']:.2f}x one idle core "
+            f"({idle_one['median']:.1f}); one process with adaptive threads "
+            f"{adaptive['median']:.1f} (ended on {adaptive['threads_at_end']} thread(s)) = "
+            f"{adaptive['median'] / idle_one['median']:.2f}x; 2 fixed threads "
+            f"{fixed_two['median']:.1f}"
         )
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

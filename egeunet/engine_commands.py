@@ -167,6 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
             progress=_progress_choice(args.progress),
             threads=args.threads,
             pipeline=args.pipeline,
+            processes=args.processes,
         )
     except TrainingDiverged as error:
         print(f"egeunet train: {error}", file=sys.stderr)
@@ -264,6 +265,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_int,
         help="torch threads on CPU (default: the cores other processes leave free, "
         "re-checked every 10 s of training)",
+    )
+    train_parser.add_argument(
+        "--processes",
+        type=int,
+        choices=(1, 2),
+        help="processes per training step on CPU: 2 adds a helper process that computes "
+        "half of every batch's gradient, each process with half the threads (default: 2 "
+        "when the run has 2 or more CPU threads, else 1)",
     )
     train_parser.add_argument(
         "--pipeline",

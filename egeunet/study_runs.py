@@ -211,6 +211,10 @@ def _hardware(config_doc: dict) -> str:
     threads = config_doc.get("num_threads")
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    arrangements = [n for n in config_doc.get("processes") or [] if n != 1]
+    if arrangements:
+        shared = " or ".join(str(n) for n in arrangements)
+        parts.append(f"training steps shared by {shared} processes")
     machines = [m for m in config_doc.get("machines") or [] if isinstance(m, dict)]
     for machine in machines:
         name = machine.get("gpu") or machine.get("cpu")

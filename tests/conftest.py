@@ -79,3 +79,6 @@ os.environ.setdefault("EGEUNET_FUSED_KERNELS", "0")
 # Likewise the trainer's thread count stays fixed in tests (bit-identical resume is tested
 # on a machine that may be busy); tests/test_threads.py covers the adaptation.
 os.environ.setdefault("EGEUNET_ADAPTIVE_THREADS", "0")
+# And one process per training step: a helper process (egeunet.engine.parallel, the default
+# on a 2-core machine) costs seconds to start per run; tests/test_parallel.py covers it.
+os.environ.setdefault("EGEUNET_PROCESSES", "1")

@@ -53,3 +53,17 @@ def train_small_checkpoint(folder: Path) -> Path:
     )
     train(config, folder, progress=False, threads=1)
     return folder / "checkpoints" / "best.pt"
+
+
+class Killed(Exception):
+    """Stands for a process killed mid-run (raised by :func:`kill_after_epoch`)."""
+
+
+def kill_after_epoch(last: int):
+    """An ``on_epoch_end`` callback that stops the run once epoch ``last`` is written."""
+
+    def callback(epoch: int, row: dict) -> None:
+        if epoch == last:
+            raise Killed
+
+    return callback

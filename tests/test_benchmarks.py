@@ -13,17 +13,20 @@ from conftest import REPO_ROOT
 def test_bench_train_prints_every_single_run_figure():
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_train.py"), "--synthetic"]
     command += ["--batches", "1", "--repeats", "1", "--image-size", "32", "--batch-size", "2"]
-    command += ["--skip-aggregate", "--skip-contention", "--threads", "1"]
+    command += ["--skip-aggregate", "--skip-contention", "--threads", "2"]
     environment = {**os.environ, "EGEUNET_FUSED_KERNELS": "0"}  # no compilation in tests
+    environment.pop("EGEUNET_PROCESSES", None)  # the default: a helper process with 2 threads
     result = subprocess.run(
         command, capture_output=True, text=True, check=False, env=environment, timeout=600
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for figure in (
         "baseline (published formulas",
-        "training, whole pipeline on synthetic",
+        "training, whole pipeline (default: 2 processes x 1 thread) on synthetic",
+        "training, whole pipeline (one process: 1 process x 2 threads) on synthetic",
         "training, forward+backward+step alone",
-        "evaluation pass after an epoch",
+        "evaluation pass after an epoch (default;",
+        "evaluation pass after an epoch (one process;",
         "inference latency, batch 1:",
         "inference latency, batch 8:",
     ):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from engine_helpers import TINY, TINY_MODEL
+from engine_helpers import TINY, TINY_MODEL, Killed, kill_after_epoch
 
 from egeunet import engine
 from egeunet.checkpoint import load_checkpoint
@@ -108,16 +108,9 @@ def test_resume_after_a_kill_is_bit_identical(finished_run, tmp_path):
     _, _ = finished_run
     uninterrupted = finished_run[0]
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_second(epoch, row):
-        if epoch == 2:
-            raise Killed
-
     run_dir = tmp_path / "resumed"
     with pytest.raises(Killed):
-        train(TINY, run_dir, progress=False, on_epoch_end=kill_after_second)
+        train(TINY, run_dir, progress=False, on_epoch_end=kill_after_epoch(2))
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 2
     # Interrupted on another machine (as an older run folder, which recorded none).
     description = json.loads((run_dir / "config.json").read_text())

@@ -111,6 +111,13 @@ def test_hardware_names_every_machine_a_run_trained_on():
     # Runs from before machines were recorded say so instead of naming only the device.
     assert study_runs._hardware({"device": "cpu"}) == "cpu, machine not recorded"
     assert study_runs._hardware({}) == ""  # no config.json: nothing recorded at all
+    shared = {"device": "cpu", "num_threads": 2, "processes": [1, 2], "machines": []}
+    assert study_runs._hardware(shared) == (
+        "cpu, 2 threads, training steps shared by 2 processes, machine not recorded"
+    )
+    assert (
+        study_runs._hardware({**shared, "processes": [1]}) == "cpu, 2 threads, machine not recorded"
+    )
 
 
 def test_training_left_is_estimated_from_the_nearest_measured_epochs(study_dir, tmp_path):

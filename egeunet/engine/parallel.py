@@ -1,0 +1,294 @@
+"""Data-parallel training steps on CPU: a helper process takes part of every batch.
+
+On a 2-core machine two processes with one thread each train faster than one process with
+two threads: many of a step's parallel regions are too short to keep two threads busy,
+while two processes each run their own whole step. So one run can use a helper process:
+per step the trainer (rank 0) sends it the current parameters and the sample keys of its
+share of the batch; both compute the gradient of their share of the batch loss (weighted
+by their share of the images) and one all-reduce sums the two. The trainer alone updates,
+evaluates and writes files. The loss is a mean over samples (BCE over every pixel of
+equal-sized images, Dice averaged over samples) and the model has no batch statistics, so
+the sum is the whole batch's gradient: the same step as one process, float rounding aside.
+
+The helper loads its samples itself, from the same prepared cache with the same
+per-sample augmentation seeds, so the batches are those of a single-process run.
+Communication is a gloo process group of two over a file store in a temporary folder
+(no network port); per step about 0.4 MB (parameters and gradients of the 53K-parameter
+model). The helper stops when told, and on its own when the trainer's process is gone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+STOP, STEP, EVALUATE = 0, 1, 2
+STARTUP_TIMEOUT = datetime.timedelta(minutes=10)  # covers the helper's first compilation
+READY = "helper-ready"
+HEADER = 3  # command, keys in the helper's share, images in the whole batch
+
+
+def split_batch(keys: Sequence, parts: int = 2) -> list[list]:
+    """The batch's keys in ``parts`` consecutive shares, the first ones the larger (the
+    last ones empty when there are fewer keys than parts)."""
+    size = math.ceil(len(keys) / parts)
+    return [list(keys[i * size : (i + 1) * size]) for i in range(parts)]
+
+
+def flat_gradients(parameters: Sequence[nn.Parameter], extra: Tensor) -> Tensor:
+    """Every parameter's gradient (zeros where none) in logical order, then ``extra``."""
+    chunks = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters
+    ]
+    return torch.cat([*chunks, extra.reshape(-1).to(torch.float32)])
+
+
+def flat_parameters(parameters: Sequence[nn.Parameter]) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in parameters])
+
+
+def load_flat(tensors: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy ``flat`` (logical order) into ``tensors``, keeping each one's memory layout."""
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        tensor.copy_(flat[offset : offset + count].view(tensor.shape))
+        offset += count
+
+
+def share_loss(model: nn.Module, loss_fn: nn.Module, samples: list, total: int) -> Tensor:
+    """Forward and backward of ``samples`` ((image, mask) pairs), the loss weighted by their
+    share of the ``total`` images of the batch; returns that weighted loss (detached)."""
+    images, masks = default_collate(samples)
+    loss = loss_fn(model(images), masks) * (len(samples) / total)
+    loss.backward()
+    return loss.detach()
+
+
+@torch.inference_mode()
+def evaluate_share(model: nn.Module, loss_fn: nn.Module, samples: list) -> tuple[Tensor, Tensor]:
+    """The summed loss (the batch loss times its images) and the per-image TP/FP/FN/TN
+    counts ``(B, 4)`` of ``samples``, as :func:`egeunet.engine.evaluate_loader` takes them
+    (threshold 0.5)."""
+    from egeunet.metrics import THRESHOLD, binarize, confusion_per_image
+
+    if not samples:
+        return torch.zeros((), dtype=torch.float64), torch.zeros((0, 4), dtype=torch.int64)
+    images, masks = default_collate(samples)
+    outputs = model(images)
+    loss = loss_fn(outputs, masks).double() * len(samples)
+    probabilities = torch.sigmoid(outputs[0].float())
+    counts = confusion_per_image(binarize(probabilities, THRESHOLD), binarize(masks, THRESHOLD))
+    return loss, torch.from_numpy(counts)
+
+
+def _evaluation_buffer(batch_size: int, loss: Tensor, counts: Tensor, first_row: int) -> Tensor:
+    """``[summed loss, counts of every image of the batch (rows of 4)]``, this process's
+    images at ``first_row`` and zeros elsewhere (so that a sum combines the two)."""
+    buffer = torch.zeros(1 + 4 * batch_size, dtype=torch.float64)
+    buffer[0] = loss
+    rows = buffer[1:].view(batch_size, 4)
+    rows[first_row : first_row + len(counts)] = counts.to(torch.float64)
+    return buffer
+
+
+class GradientHelper:
+    """The trainer's side: starts the helper process and runs the exchanges.
+
+    The helper builds the training and validation datasets from ``config``, ``ids`` and
+    ``val_ids`` as the trainer's loaders do; ``threads``: torch threads of the helper.
+    """
+
+    def __init__(
+        self,
+        config,
+        ids: Sequence[str],
+        val_ids: Sequence[str],
+        batch_size: int,
+        threads: int,
+    ) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="egeunet-helper-"))
+        spec = {
+            "config": config.to_dict(),
+            "ids": list(ids),
+            "val_ids": list(val_ids),
+            "batch_size": batch_size,
+        }
+        (self.folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        environment["EGEUNET_HELPER_THREADS"] = str(threads)
+        entry = (
+            "import sys; from egeunet.engine.parallel import helper_main; helper_main(sys.argv[1])"
+        )
+        self.log = self.folder / "helper.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", entry, str(self.folder)],
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            store = dist.FileStore(str(self.folder / "store"), 2)
+            self._wait_until_ready(store)
+            self.group = dist.ProcessGroupGloo(store, 0, 2, STARTUP_TIMEOUT)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        self.batch_size = batch_size
+        self.header = torch.zeros(HEADER + 2 * batch_size, dtype=torch.int64)
+
+    def start(self, command: int, keys: Sequence[tuple[int, int]], total: int, parameters) -> None:
+        """Hand the helper its share (``keys``) of a batch of ``total`` images, to train on
+        (``STEP``) or evaluate (``EVALUATE``), with the current parameters; it starts at
+        once."""
+        self._check_alive()
+        self.header.zero_()
+        self.header[:HEADER] = torch.tensor([command, len(keys), total])
+        if keys:
+            self.header[HEADER : HEADER + 2 * len(keys)] = torch.tensor(keys).reshape(-1)
+        self.group.broadcast(self.header, 0).wait()
+        self.group.broadcast(flat_parameters(parameters), 0).wait()
+
+    def sum_gradients(self, parameters: Sequence[nn.Parameter], loss: Tensor) -> Tensor:
+        """Add the helper's gradients into ``parameters``' and its loss into ``loss``'s;
+        returns the whole batch's loss."""
+        flat = flat_gradients(parameters, loss)
+        self.group.allreduce([flat]).wait()
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        load_flat([p.grad for p in parameters], flat[:-1])
+        return flat[-1].to(loss.dtype)
+
+    def sum_evaluation(self, loss: Tensor, counts: Tensor, total: int) -> tuple[float, Tensor]:
+        """This process's summed loss and counts (the batch's first images) plus the
+        helper's: the whole batch's summed loss and ``(total, 4)`` counts."""
+        buffer = _evaluation_buffer(self.batch_size, loss, counts, first_row=0)
+        self.group.allreduce([buffer]).wait()
+        counts = buffer[1:].view(self.batch_size, 4)[:total].round().to(torch.int64)
+        return float(buffer[0]), counts
+
+    def _wait_until_ready(self, store) -> None:
+        """Wait for the helper to have loaded its data and model, checking every second
+        that it is still running (a helper failing at startup is an error, not a wait)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT.total_seconds()
+        while True:
+            try:
+                store.wait([READY], datetime.timedelta(seconds=1))
+                return
+            except Exception:  # the store's timeout error (its type varies between versions)
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    self.process.kill()
+                    raise RuntimeError(
+                        f"the training helper process did not start within {STARTUP_TIMEOUT}"
+                    ) from None
+
+    def _check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            try:
+                output = self.log.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                output = ""
+            last = output.splitlines()[-1] if output else "no output"
+            raise RuntimeError(
+                f"the training helper process exited with code {code} ({last}); "
+                "--processes 1 (processes=1) trains without it"
+            )
+
+    def close(self) -> None:
+        """Stop the helper (idempotent)."""
+        if self.process.poll() is None:
+            try:
+                self.header.zero_()
+                self.header[0] = STOP
+                self.group.broadcast(self.header, 0).wait()
+                self.process.wait(timeout=30)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone (a collective can wait for minutes)."""
+    while os.getppid() == parent:
+        time.sleep(2.0)
+    os._exit(1)
+
+
+def helper_main(folder: str | os.PathLike) -> None:
+    """The helper process: serve shares of training steps and evaluations until told to stop."""
+    from egeunet.data import SegmentationDataset
+    from egeunet.engine.config import TrainConfig
+    from egeunet.engine.protocols import open_dataset
+    from egeunet.losses import DeepSupervisionLoss
+    from egeunet.model import EGEUNet, fused_kernels
+
+    folder = Path(folder)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    torch.set_num_threads(int(os.environ.get("EGEUNET_HELPER_THREADS", "1")))
+    spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    config = TrainConfig.from_dict(spec["config"])
+    prepared = open_dataset(config)
+    datasets = {
+        command: SegmentationDataset(
+            prepared,
+            spec[ids],
+            augment=command == STEP,
+            normalization=config.normalization,
+            seed=config.seed,
+            per_run_angle=config.per_run_angle,
+        )
+        for command, ids in ((STEP, "ids"), (EVALUATE, "val_ids"))
+    }
+    model = EGEUNet(config.model)
+    parameters = list(model.parameters())
+    loss_fn = DeepSupervisionLoss()
+    fused_kernels.enable()
+    store = dist.FileStore(str(folder / "store"), 2)
+    store.set(READY, "1")
+    group = dist.ProcessGroupGloo(store, 1, 2, STARTUP_TIMEOUT)
+    batch_size = spec["batch_size"]
+    header = torch.zeros(HEADER + 2 * batch_size, dtype=torch.int64)
+    flat = flat_parameters(parameters)
+    while True:
+        group.broadcast(header, 0).wait()
+        command, count, total = header[:HEADER].tolist()
+        if command == STOP:
+            return
+        group.broadcast(flat, 0).wait()
+        with torch.no_grad():
+            load_flat(parameters, flat)
+        keys = header[HEADER : HEADER + 2 * count].reshape(count, 2).tolist()
+        samples = [datasets[command][(position, seed)] for position, seed in keys]
+        if command == EVALUATE:
+            model.eval()
+            loss, counts = evaluate_share(model, loss_fn, samples)
+            buffer = _evaluation_buffer(batch_size, loss, counts, first_row=total - count)
+            group.allreduce([buffer]).wait()
+            continue
+        model.train()
+        for p in parameters:
+            p.grad = None
+        loss = share_loss(model, loss_fn, samples, total) if samples else torch.zeros(())
+        group.allreduce([flat_gradients(parameters, loss)]).wait()
