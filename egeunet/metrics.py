@@ -288,29 +288,13 @@ class MetricAccumulator:
         prediction = binarize(probabilities, self.threshold)
         truth = binarize(targets, THRESHOLD)
         counts = confusion_per_image(prediction, truth)
-        if ids is not None and len(ids) != len(counts):
+        if ids is None:
+            ids = [str(self.num_images + i) for i in range(len(counts))]
+        elif len(ids) != len(counts):
             raise ValueError(f"got {len(ids)} ids for a batch of {len(counts)} images")
         if self.compute_hd95:
             prediction_np, truth_np = prediction.cpu().numpy(), truth.cpu().numpy()
             self._hd95.extend(hd95(p, t) for p, t in zip(prediction_np, truth_np, strict=True))
-        self._add(counts, ids)
-
-    def add_counts(self, counts: np.ndarray, ids: Sequence[str] | None = None) -> None:
-        """Add images by their int ``(B, 4)`` TP/FP/FN/TN counts (from
-        :func:`confusion_per_image` at this accumulator's threshold) instead of their
-        probabilities; not with ``compute_hd95``, which needs the masks."""
-        if self.compute_hd95:
-            raise ValueError("add_counts cannot compute HD95: use update with the masks")
-        counts = np.asarray(counts, dtype=np.int64)
-        if counts.ndim != 2 or counts.shape[1] != 4:
-            raise ValueError(f"expected (B, 4) counts, got shape {counts.shape}")
-        if ids is not None and len(ids) != len(counts):
-            raise ValueError(f"got {len(ids)} ids for a batch of {len(counts)} images")
-        self._add(counts, ids)
-
-    def _add(self, counts: np.ndarray, ids: Sequence[str] | None) -> None:
-        if ids is None:
-            ids = [str(self.num_images + i) for i in range(len(counts))]
         self._counts.append(counts)
         self._ids.extend(str(i) for i in ids)
 

@@ -168,20 +168,3 @@ def test_bad_shapes_are_errors():
         acc.update(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
     with pytest.raises(ValueError, match="ids"):
         acc.update(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), ids=["x"])
-
-
-def test_add_counts_is_update_without_the_masks():
-    probabilities = torch.tensor([[[0.9, 0.2], [0.6, 0.1]], [[0.1, 0.1], [0.1, 0.7]]])
-    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
-    by_masks = MetricAccumulator(compute_hd95=False)
-    by_masks.update(probabilities, targets, ["a", "b"])
-    by_counts = MetricAccumulator(compute_hd95=False)
-    by_counts.add_counts(np.array([[1, 1, 0, 2], [1, 0, 1, 2]]), ["a", "b"])
-    assert by_counts.per_image_rows() == by_masks.per_image_rows()
-    assert by_counts.results() == by_masks.results()
-    with pytest.raises(ValueError, match="cannot compute HD95"):
-        MetricAccumulator().add_counts(np.zeros((1, 4)))
-    with pytest.raises(ValueError, match=r"expected \(B, 4\) counts"):
-        by_counts.add_counts(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="got 1 ids for a batch of 2"):
-        by_counts.add_counts(np.zeros((2, 4)), ["x"])

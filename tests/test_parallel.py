@@ -176,32 +176,6 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_shared_evaluation_is_the_single_process_evaluation(tmp_path):
-    from egeunet.engine import evaluate_loader
-
-    config = TrainConfig.from_dict({**TINY.to_dict(), "batch_size": 3, "max_eval_images": 7})
-    trainer = Trainer(config, tmp_path / "run", progress=False, threads=1, processes=2)
-    try:
-        trainer.train_epoch(1)  # starts the helper; the model is no longer its initial one
-        shared = trainer._evaluate_shared()
-        single = evaluate_loader(
-            trainer.model, trainer.val_loader, trainer.splits.val, trainer.loss_fn, CPU
-        )
-    finally:
-        trainer.close()
-    assert shared.metrics.num_images == single.metrics.num_images == 7
-    assert shared.loss == pytest.approx(single.loss, rel=1e-5)
-    got = shared.metrics.per_image_rows()
-    expected = single.metrics.per_image_rows()
-    assert [row["id"] for row in got] == [row["id"] for row in expected]
-    # A pixel whose probability lies within float rounding of 0.5 may fall either way.
-    for a, b in zip(got, expected, strict=True):
-        assert sum(abs(a[k] - b[k]) for k in ("tp", "fp", "fn", "tn")) <= 4
-    assert shared.metrics.result("pooled")["dsc"] == pytest.approx(
-        single.metrics.result("pooled")["dsc"], abs=1e-3
-    )
-
-
 def test_a_helper_failing_at_startup_is_an_error_naming_why(tmp_path):
     from egeunet.engine.parallel import GradientHelper
 
@@ -209,5 +183,5 @@ def test_a_helper_failing_at_startup_is_an_error_naming_why(tmp_path):
         {**TINY.to_dict(), "dataset": "isic2017", "data_root": str(tmp_path / "nothing")}
     )
     with pytest.raises(RuntimeError, match=r"helper process exited with code 1 \(.*nothing"):
-        GradientHelper(missing, ["a"], ["b"], batch_size=2, threads=1)
+        GradientHelper(missing, ["a"], batch_size=2, threads=1)
     assert helper_processes() == []

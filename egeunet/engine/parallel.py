@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-STOP, STEP, EVALUATE = 0, 1, 2
+STOP, STEP = 0, 1
 STARTUP_TIMEOUT = datetime.timedelta(minutes=10)  # covers the helper's first compilation
 READY = "helper-ready"
 HEADER = 3  # command, keys in the helper's share, images in the whole batch
@@ -80,45 +80,17 @@ def share_loss(model: nn.Module, loss_fn: nn.Module, samples: list, total: int) 
     return loss.detach()
 
 
-@torch.inference_mode()
-def evaluate_share(model: nn.Module, loss_fn: nn.Module, samples: list) -> tuple[Tensor, Tensor]:
-    """The summed loss (the batch loss times its images) and the per-image TP/FP/FN/TN
-    counts ``(B, 4)`` of ``samples``, as :func:`egeunet.engine.evaluate_loader` takes them
-    (threshold 0.5)."""
-    from egeunet.metrics import THRESHOLD, binarize, confusion_per_image
-
-    if not samples:
-        return torch.zeros((), dtype=torch.float64), torch.zeros((0, 4), dtype=torch.int64)
-    images, masks = default_collate(samples)
-    outputs = model(images)
-    loss = loss_fn(outputs, masks).double() * len(samples)
-    probabilities = torch.sigmoid(outputs[0].float())
-    counts = confusion_per_image(binarize(probabilities, THRESHOLD), binarize(masks, THRESHOLD))
-    return loss, torch.from_numpy(counts)
-
-
-def _evaluation_buffer(batch_size: int, loss: Tensor, counts: Tensor, first_row: int) -> Tensor:
-    """``[summed loss, counts of every image of the batch (rows of 4)]``, this process's
-    images at ``first_row`` and zeros elsewhere (so that a sum combines the two)."""
-    buffer = torch.zeros(1 + 4 * batch_size, dtype=torch.float64)
-    buffer[0] = loss
-    rows = buffer[1:].view(batch_size, 4)
-    rows[first_row : first_row + len(counts)] = counts.to(torch.float64)
-    return buffer
-
-
 class GradientHelper:
     """The trainer's side: starts the helper process and runs the exchanges.
 
-    The helper builds the training and validation datasets from ``config``, ``ids`` and
-    ``val_ids`` as the trainer's loaders do; ``threads``: torch threads of the helper.
+    The helper builds the training dataset from ``config`` and ``ids`` as the trainer's
+    loader does; ``threads``: torch threads of the helper.
     """
 
     def __init__(
         self,
         config,
         ids: Sequence[str],
-        val_ids: Sequence[str],
         batch_size: int,
         threads: int,
     ) -> None:
@@ -126,7 +98,6 @@ class GradientHelper:
         spec = {
             "config": config.to_dict(),
             "ids": list(ids),
-            "val_ids": list(val_ids),
             "batch_size": batch_size,
         }
         (self.folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
@@ -155,13 +126,12 @@ class GradientHelper:
         self.batch_size = batch_size
         self.header = torch.zeros(HEADER + 2 * batch_size, dtype=torch.int64)
 
-    def start(self, command: int, keys: Sequence[tuple[int, int]], total: int, parameters) -> None:
-        """Hand the helper its share (``keys``) of a batch of ``total`` images, to train on
-        (``STEP``) or evaluate (``EVALUATE``), with the current parameters; it starts at
-        once."""
+    def start_step(self, keys: Sequence[tuple[int, int]], total: int, parameters) -> None:
+        """Hand the helper its share (``keys``) of a batch of ``total`` images and the
+        current parameters; it starts computing at once."""
         self._check_alive()
         self.header.zero_()
-        self.header[:HEADER] = torch.tensor([command, len(keys), total])
+        self.header[:HEADER] = torch.tensor([STEP, len(keys), total])
         if keys:
             self.header[HEADER : HEADER + 2 * len(keys)] = torch.tensor(keys).reshape(-1)
         self.group.broadcast(self.header, 0).wait()
@@ -177,14 +147,6 @@ class GradientHelper:
                 p.grad = torch.zeros_like(p)
         load_flat([p.grad for p in parameters], flat[:-1])
         return flat[-1].to(loss.dtype)
-
-    def sum_evaluation(self, loss: Tensor, counts: Tensor, total: int) -> tuple[float, Tensor]:
-        """This process's summed loss and counts (the batch's first images) plus the
-        helper's: the whole batch's summed loss and ``(total, 4)`` counts."""
-        buffer = _evaluation_buffer(self.batch_size, loss, counts, first_row=0)
-        self.group.allreduce([buffer]).wait()
-        counts = buffer[1:].view(self.batch_size, 4)[:total].round().to(torch.int64)
-        return float(buffer[0]), counts
 
     def _wait_until_ready(self, store) -> None:
         """Wait for the helper to have loaded its data and model, checking every second
@@ -237,7 +199,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def helper_main(folder: str | os.PathLike) -> None:
-    """The helper process: serve shares of training steps and evaluations until told to stop."""
+    """The helper process: serve shares of training steps until told to stop."""
     from egeunet.data import SegmentationDataset
     from egeunet.engine.config import TrainConfig
     from egeunet.engine.protocols import open_dataset
@@ -249,19 +211,15 @@ def helper_main(folder: str | os.PathLike) -> None:
     torch.set_num_threads(int(os.environ.get("EGEUNET_HELPER_THREADS", "1")))
     spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(spec["config"])
-    prepared = open_dataset(config)
-    datasets = {
-        command: SegmentationDataset(
-            prepared,
-            spec[ids],
-            augment=command == STEP,
-            normalization=config.normalization,
-            seed=config.seed,
-            per_run_angle=config.per_run_angle,
-        )
-        for command, ids in ((STEP, "ids"), (EVALUATE, "val_ids"))
-    }
-    model = EGEUNet(config.model)
+    dataset = SegmentationDataset(
+        open_dataset(config),
+        spec["ids"],
+        augment=True,
+        normalization=config.normalization,
+        seed=config.seed,
+        per_run_angle=config.per_run_angle,
+    )
+    model = EGEUNet(config.model).train()
     parameters = list(model.parameters())
     loss_fn = DeepSupervisionLoss()
     fused_kernels.enable()
@@ -280,14 +238,7 @@ def helper_main(folder: str | os.PathLike) -> None:
         with torch.no_grad():
             load_flat(parameters, flat)
         keys = header[HEADER : HEADER + 2 * count].reshape(count, 2).tolist()
-        samples = [datasets[command][(position, seed)] for position, seed in keys]
-        if command == EVALUATE:
-            model.eval()
-            loss, counts = evaluate_share(model, loss_fn, samples)
-            buffer = _evaluation_buffer(batch_size, loss, counts, first_row=total - count)
-            group.allreduce([buffer]).wait()
-            continue
-        model.train()
+        samples = [dataset[(position, seed)] for position, seed in keys]
         for p in parameters:
             p.grad = None
         loss = share_loss(model, loss_fn, samples, total) if samples else torch.zeros(())

@@ -32,14 +32,7 @@ from egeunet.engine.evaluation import (
     write_evaluation,
     write_rows_csv,
 )
-from egeunet.engine.parallel import (
-    EVALUATE,
-    STEP,
-    GradientHelper,
-    evaluate_share,
-    share_loss,
-    split_batch,
-)
+from egeunet.engine.parallel import GradientHelper, share_loss, split_batch
 from egeunet.engine.protocols import (
     make_device_loader,
     make_split_loader,
@@ -59,7 +52,7 @@ from egeunet.engine.reproducibility import (
 )
 from egeunet.fileio import folder_lock, require_writable, write_json_atomic
 from egeunet.losses import DeepSupervisionLoss
-from egeunet.metrics import EPOCH_METRICS, PROGRESS_METRICS, MetricAccumulator, epoch_metrics
+from egeunet.metrics import EPOCH_METRICS, PROGRESS_METRICS, epoch_metrics
 from egeunet.model import EGEUNet, fused_kernels
 from egeunet.predict import resolve_device
 from egeunet.runfolder import RunFolder
@@ -381,7 +374,7 @@ class Trainer:
         ``own`` and ``other`` are the sample keys of this process's and the helper's share
         of a batch of ``total`` images."""
         assert self.helper is not None
-        self.helper.start(STEP, other, total, self.parameters)
+        self.helper.start_step(other, total, self.parameters)
         dataset = self.train_loader.dataset
         self.optimizer.zero_grad(set_to_none=True)
         local = share_loss(self.model, self.loss_fn, [dataset[key] for key in own], total)
@@ -400,7 +393,6 @@ class Trainer:
             self.helper = GradientHelper(
                 self.config,
                 self.splits.train,
-                self.splits.val,
                 self.config.batch_size,
                 self.process_threads,
             )
@@ -472,36 +464,10 @@ class Trainer:
             return "none (no epoch finished)"
         return f"{self.run.last} (epoch {self.state.epoch})"
 
-    def _evaluate_shared(self) -> Evaluation:
-        """:func:`evaluate_loader` of the validation part with the helper process taking
-        half of every batch (same loss and counts, float rounding of the loss aside)."""
-        assert self.helper is not None
-        self.model.eval()
-        accumulator = MetricAccumulator(compute_hd95=False)
-        dataset, ids = self.val_loader.dataset, self.splits.val
-        total, seen = 0.0, 0
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.process_threads)
-        try:
-            for keys in self.val_loader.batch_sampler:
-                own, other = split_batch(keys)
-                self.helper.start(EVALUATE, other, len(keys), self.parameters)
-                loss, counts = evaluate_share(
-                    self.model, self.loss_fn, [dataset[key] for key in own]
-                )
-                loss_sum, counts = self.helper.sum_evaluation(loss, counts, len(keys))
-                accumulator.add_counts(counts.numpy(), ids[seen : seen + len(keys)])
-                total += loss_sum
-                seen += len(keys)
-        finally:
-            torch.set_num_threads(threads)
-        return Evaluation(loss=total / max(seen, 1), metrics=accumulator)
-
     def evaluate_validation(self) -> Evaluation:
         """Loss and metrics of the current model on the protocol's validation part, as
-        after every epoch (shared with the helper process while one runs)."""
-        if self.helper is not None:
-            return self._evaluate_shared()
+        after every epoch (in this process alone, with all its threads: shared with the
+        helper process it was no faster)."""
         return evaluate_loader(
             self.model, self.val_loader, self.splits.val, self.loss_fn, self.device, self.amp
         )
