@@ -525,7 +525,8 @@ def _cost_section(writer: _Writer, tables: StudyTables) -> None:
         "validation included), median training images per second over its epochs, and the "
         "hardware its config.json records. Runs that share a machine side by side slow each "
         f"other down. Total: **{number(total['wall_hours'], 1)} h** of training wall time over "
-        f"{total['runs']} run(s), {number(total['core_hours'], 1)} core-hours.\n"
+        f"{total['runs']} run(s), {number(total['core_hours'], 1)} core-hours (hours times "
+        "the most threads a run had; an upper bound for a run resumed with more).\n"
     )
     writer.table("cost", cost, format_cost(cost))
 

@@ -504,7 +504,9 @@ def cost_table(status: pd.DataFrame) -> pd.DataFrame:
 
 
 def total_compute(status: pd.DataFrame) -> dict[str, float]:
-    """Training wall hours of every run together, and core-hours (hours x threads)."""
+    """Training wall hours of every run together, and core-hours (hours x the most threads
+    the run had: exact for a run that kept its arrangement, an upper bound for one resumed
+    with more threads)."""
     if status.empty:
         return {"runs": 0, "wall_hours": 0.0, "core_hours": 0.0}
     hours = status["wall_hours"].fillna(0)

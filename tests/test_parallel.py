@@ -117,12 +117,23 @@ def test_train_with_a_helper_resumes_and_leaves_no_process(tmp_path):
     assert helper_processes() == []
     assert metrics["epochs"] == TINY.epochs
     assert json.loads((run_dir / "config.json").read_text())["processes"] == [2]
-    # Resumed with one process: the run lists both arrangements.
-    longer = TrainConfig.from_dict({**TINY.to_dict(), "epochs": TINY.epochs + 1})
-    train(longer, run_dir, resume=True, progress=False, processes=1)
-    assert json.loads((run_dir / "config.json").read_text())["processes"] == [2, 1]
     history = (run_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + TINY.epochs + 1
+    assert len(history) == 1 + TINY.epochs
+
+
+def test_a_run_resumed_in_another_arrangement_records_both(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(
+            TINY, run_dir, progress=False, on_epoch_end=kill_after_epoch(1), threads=1,
+            processes=1,
+        )  # fmt: skip
+    described = json.loads((run_dir / "config.json").read_text())
+    assert (described["processes"], described["num_threads"]) == ([1], 1)
+    train(TINY, run_dir, resume=True, progress=False, threads=2, processes=2)
+    described = json.loads((run_dir / "config.json").read_text())
+    assert (described["processes"], described["num_threads"]) == ([1, 2], 2)
+    assert helper_processes() == []
 
 
 def test_a_dead_helper_is_an_error_not_a_hang(tmp_path):

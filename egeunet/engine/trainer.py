@@ -326,10 +326,15 @@ class Trainer:
         self.train_loader.generator.set_state(checkpoint["loader_generator"])
         description = json.loads(self.run.config.read_text(encoding="utf-8"))
         changed = record_machine(description, self.device)
-        # Every arrangement the run trained with (older runs recorded none: one process).
+        # Every arrangement the run trained with (older runs recorded none: one process),
+        # and the most threads it had (the report's core-hours).
         processes = description.setdefault("processes", [1])
         if self.processes not in processes:
             processes.append(self.processes)
+            changed = True
+        threads = max(int(description.get("num_threads") or 1), torch.get_num_threads())
+        if threads != description.get("num_threads"):
+            description["num_threads"] = threads
             changed = True
         if self.config.epochs != checkpoint["train_config"]["epochs"]:
             description["config"]["epochs"] = self.config.epochs
