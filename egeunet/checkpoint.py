@@ -63,9 +63,9 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
             verify_shipped(shipped)
             return shipped
         raise FileNotFoundError(
-            f"weights {name!r}: no shipped weights are installed yet ({shipped} is missing; "
-            "they come with the real study's results); pass a checkpoint file instead, "
-            "e.g. --weights runs/<run>/checkpoints/best.pt"
+            f"weights {name!r}: the shipped weights are not installed ({shipped} is missing; "
+            "the package ships them from the real study's results); pass a checkpoint file "
+            "instead, e.g. --weights runs/<run>/checkpoints/best.pt"
         )
     names = ", ".join(SHIPPED_WEIGHTS)
     raise FileNotFoundError(

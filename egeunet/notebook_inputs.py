@@ -115,7 +115,7 @@ def default_weights(reports: str | os.PathLike = REPORTS) -> Choice:
     ]
     if not found:
         raise FileNotFoundError(
-            f"no shipped weights are installed ({WEIGHTS_FOLDER} has none yet) and no "
+            f"no shipped weights are installed ({WEIGHTS_FOLDER} has none) and no "
             "checkpoint was found under reports/*/runs or runs/: run `make study` (minutes), "
             "or set checkpoint to a checkpoint file"
         )
@@ -123,8 +123,8 @@ def default_weights(reports: str | os.PathLike = REPORTS) -> Choice:
     chosen = max(found, key=lambda path: (described[path][0], path.stat().st_mtime))
     return Choice(
         chosen,
-        f"no shipped weights are installed yet ({_shown(WEIGHTS_FOLDER)} is empty until the "
-        f"ISIC study finishes), so this uses the newest checkpoint found: {_shown(chosen)} "
+        f"no shipped weights are installed ({_shown(WEIGHTS_FOLDER)} has none), so this "
+        f"uses the newest checkpoint found: {_shown(chosen)} "
         f"({described[chosen][1]})",
     )
 

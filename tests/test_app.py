@@ -220,7 +220,7 @@ def test_app_command_fails_clearly(checkpoint, capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(checkpoints, "WEIGHTS_FOLDER", tmp_path)  # no shipped weights here
     assert cli_main(["app"]) == 2  # the default, shipped weights, is not installed
-    assert "no shipped weights are installed yet" in capsys.readouterr().err
+    assert "the shipped weights are not installed" in capsys.readouterr().err
     assert cli_main(["app", "--weights", str(checkpoint), "--threshold", "1.5"]) == 2
     assert "--threshold must lie strictly between 0 and 1" in capsys.readouterr().err
     with socket.socket() as busy:

@@ -176,7 +176,7 @@ def test_export_and_predict_options_fail_clearly(exported, tmp_path, capsys, mon
         (["export", "--weights", str(checkpoint), "--out", str(tmp_path / "a.onnx"),
           "--size", "100"], "--size: expected a positive multiple of 32"),
         (["export", "--weights", "isic2018", "--out", str(tmp_path / "b.onnx")],
-         "no shipped weights are installed yet"),
+         "the shipped weights are not installed"),
         (["export", "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "c.onnx")],
          "nope.pt: no such checkpoint file"),
         (["predict", "--checkpoint", str(checkpoint), "--onnx", str(onnx_file), "--input",
@@ -194,7 +194,9 @@ def test_export_and_predict_options_fail_clearly(exported, tmp_path, capsys, mon
 
 def test_shipped_weights_are_found_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_module, "WEIGHTS_FOLDER", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"'isic2017': no shipped weights .*isic2017\.pt"):
+    with pytest.raises(
+        FileNotFoundError, match=r"'isic2017': the shipped weights are not installed .*isic2017\.pt"
+    ):
         resolve_weights("isic2017")
     (tmp_path / "isic2017.pt").write_bytes(b"")
     empty_sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -55,7 +55,7 @@ def test_default_weights_prefer_shipped_then_real_data_then_newest(project):
     real = make_run(project / "reports" / "isic" / "runs" / "i-egeunet-seed1", "isic2017", 500, 3)
     chosen = inputs.default_weights()
     assert chosen.path == real
-    assert "no shipped weights are installed yet" in chosen.note
+    assert "no shipped weights are installed" in chosen.note
     assert "trained on isic2017, 3 of 5 epochs, not finished" in chosen.note
     (project / "weights").mkdir()
     (project / "weights" / "isic2017.pt").write_bytes(b"shipped")

@@ -128,7 +128,7 @@ def test_installed_shipped_weights_segment_real_lesions(
 ) -> None:
     path = checkpoint.WEIGHTS_FOLDER / SHIPPED_WEIGHTS[name]
     if not path.is_file():
-        pytest.skip(f"{name}: not installed yet (comes with the real study's clean runs)")
+        pytest.skip(f"{name}: not installed (a trimmed install; the package ships it)")
     from egeunet.predict import predict
 
     provenance = json.loads(path.with_suffix(".json").read_text())
