@@ -196,3 +196,18 @@ def test_a_helper_failing_at_startup_is_an_error_naming_why(tmp_path):
     with pytest.raises(RuntimeError, match=r"helper process exited with code 1 \(.*nothing"):
         GradientHelper(missing, ["a"], batch_size=2, threads=1)
     assert helper_processes() == []
+
+
+def test_closing_mid_step_neither_hangs_nor_leaves_the_helper(tmp_path):
+    """As after Ctrl-C between handing out a share and summing it."""
+    import threading
+
+    trainer = Trainer(TINY, tmp_path / "run", progress=False, threads=1, processes=2)
+    trainer.start_helper()
+    keys = next(iter(trainer.train_loader.batch_sampler))
+    trainer.helper.start_step(split_batch(keys)[1], len(keys), trainer.parameters)
+    closing = threading.Thread(target=trainer.close, daemon=True)  # a hang fails, not blocks
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive(), "close() hung on a helper waiting mid-step"
+    assert helper_processes() == []

@@ -124,6 +124,7 @@ class GradientHelper:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
         self.batch_size = batch_size
+        self.in_step = False
         self.header = torch.zeros(HEADER + 2 * batch_size, dtype=torch.int64)
 
     def start_step(self, keys: Sequence[tuple[int, int]], total: int, parameters) -> None:
@@ -134,6 +135,7 @@ class GradientHelper:
         self.header[:HEADER] = torch.tensor([STEP, len(keys), total])
         if keys:
             self.header[HEADER : HEADER + 2 * len(keys)] = torch.tensor(keys).reshape(-1)
+        self.in_step = True
         self.group.broadcast(self.header, 0).wait()
         self.group.broadcast(flat_parameters(parameters), 0).wait()
 
@@ -142,6 +144,7 @@ class GradientHelper:
         returns the whole batch's loss."""
         flat = flat_gradients(parameters, loss)
         self.group.allreduce([flat]).wait()
+        self.in_step = False
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -178,7 +181,12 @@ class GradientHelper:
             )
 
     def close(self) -> None:
-        """Stop the helper (idempotent)."""
+        """Stop the helper (idempotent). Mid-step (this process interrupted between
+        handing out a share and summing it) the helper waits in the all-reduce, where a
+        stop message would not reach it: it is killed (it holds nothing to keep)."""
+        if self.process.poll() is None and self.in_step:
+            self.process.kill()
+            self.process.wait()
         if self.process.poll() is None:
             try:
                 self.header.zero_()
