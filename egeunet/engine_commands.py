@@ -264,7 +264,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=_positive_int,
         help="torch threads on CPU (default: the cores other processes leave free, "
-        "re-checked every 10 s of training)",
+        "re-checked every 10 s of training; with a helper process, half of them each, "
+        "fixed)",
     )
     train_parser.add_argument(
         "--processes",

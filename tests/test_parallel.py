@@ -57,6 +57,10 @@ def test_resolve_processes(monkeypatch):
         resolve_processes(2, torch.device("cuda"), None, TINY)
     with pytest.raises(ValueError, match="num_workers 0"):
         resolve_processes(2, CPU, None, workers)
+    # Batches built as whole device tensors (--pipeline device) stay in one process.
+    assert resolve_processes(None, CPU, None, TINY, pipeline="device") == 1
+    with pytest.raises(ValueError, match="the loader pipeline"):
+        resolve_processes(2, CPU, None, TINY, pipeline="device")
     monkeypatch.setenv("EGEUNET_PROCESSES", "1")
     assert resolve_processes(None, CPU, 2, TINY) == 1
     assert resolve_processes(2, CPU, 2, TINY) == 2  # an explicit choice wins
@@ -210,4 +214,20 @@ def test_closing_mid_step_neither_hangs_nor_leaves_the_helper(tmp_path):
     closing.start()
     closing.join(timeout=30)
     assert not closing.is_alive(), "close() hung on a helper waiting mid-step"
+    assert helper_processes() == []
+
+
+def test_an_error_mid_step_closes_the_helper_and_training_goes_on(tmp_path):
+    trainer = Trainer(TINY, tmp_path / "run", progress=False, threads=1, processes=2)
+    try:
+        trainer.start_helper()
+        keys = next(iter(trainer.train_loader.batch_sampler))
+        other = split_batch(keys)[1]
+        with pytest.raises(IndexError):  # a sample that does not exist, in this process's share
+            trainer.parallel_step([(10**6, 0)], other, len(keys), epoch=1, batch=1)
+        assert trainer.helper is None and helper_processes() == []
+        loss, images = trainer.train_epoch(1)  # a new helper
+        assert images == TINY.max_train_images and loss > 0
+    finally:
+        trainer.close()
     assert helper_processes() == []

@@ -12,18 +12,22 @@ the sum is the whole batch's gradient: the same step as one process, float round
 
 The helper loads its samples itself, from the same prepared cache with the same
 per-sample augmentation seeds, so the batches are those of a single-process run.
-Communication is a gloo process group of two over a file store in a temporary folder
-(no network port); per step about 0.4 MB (parameters and gradients of the 53K-parameter
-model). The helper stops when told, and on its own when the trainer's process is gone.
+Communication is a gloo process group of two, found through a file store in a temporary
+folder and connected over the loopback interface (127.0.0.1: nothing listens on another
+address); per step about 0.4 MB (parameters and gradients of the 53K-parameter model).
+The helper stops when told, ignores Ctrl-C (the trainer decides), and ends on its own when
+the trainer's process is gone. A trainer interrupted mid-step kills it (:meth:`close`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,9 @@ from torch.utils.data import default_collate
 
 STOP, STEP = 0, 1
 STARTUP_TIMEOUT = datetime.timedelta(minutes=10)  # covers the helper's first compilation
+# An idle helper waits for the next step as long as the trainer pauses (a long validation,
+# a notebook left between epochs, a suspended machine); a dead peer still fails at once.
+COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 READY = "helper-ready"
 HEADER = 3  # command, keys in the helper's share, images in the whole batch
 
@@ -117,7 +124,7 @@ class GradientHelper:
         try:
             store = dist.FileStore(str(self.folder / "store"), 2)
             self._wait_until_ready(store)
-            self.group = dist.ProcessGroupGloo(store, 0, 2, STARTUP_TIMEOUT)
+            self.group = _loopback_group(store, 0)
         except BaseException:
             self.process.kill()
             self.process.wait()
@@ -136,14 +143,16 @@ class GradientHelper:
         if keys:
             self.header[HEADER : HEADER + 2 * len(keys)] = torch.tensor(keys).reshape(-1)
         self.in_step = True
-        self.group.broadcast(self.header, 0).wait()
-        self.group.broadcast(flat_parameters(parameters), 0).wait()
+        with self._naming_a_dead_helper():
+            self.group.broadcast(self.header, 0).wait()
+            self.group.broadcast(flat_parameters(parameters), 0).wait()
 
     def sum_gradients(self, parameters: Sequence[nn.Parameter], loss: Tensor) -> Tensor:
         """Add the helper's gradients into ``parameters``' and its loss into ``loss``'s;
         returns the whole batch's loss."""
         flat = flat_gradients(parameters, loss)
-        self.group.allreduce([flat]).wait()
+        with self._naming_a_dead_helper():
+            self.group.allreduce([flat]).wait()
         self.in_step = False
         for p in parameters:
             if p.grad is None:
@@ -166,6 +175,20 @@ class GradientHelper:
                     raise RuntimeError(
                         f"the training helper process did not start within {STARTUP_TIMEOUT}"
                     ) from None
+
+    @contextlib.contextmanager
+    def _naming_a_dead_helper(self):
+        """A collective that fails because the helper died raises what :meth:`_check_alive`
+        says (its exit code and last output line), not gloo's connection error."""
+        try:
+            yield
+        except RuntimeError as error:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                raise error from None
+            self._check_alive()
+            raise
 
     def _check_alive(self) -> None:
         code = self.process.poll()
@@ -199,10 +222,19 @@ class GradientHelper:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """End this process once ``parent`` is gone (a collective can wait for minutes)."""
+def _loopback_group(store, rank: int):
+    """The gloo group of the trainer (rank 0) and the helper (rank 1), on 127.0.0.1."""
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = COLLECTIVE_TIMEOUT
+    return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+def _exit_with_parent(parent: int, folder: Path) -> None:
+    """End this process once ``parent`` is gone (it cannot remove the folder then)."""
     while os.getppid() == parent:
         time.sleep(2.0)
+    shutil.rmtree(folder, ignore_errors=True)
     os._exit(1)
 
 
@@ -215,7 +247,8 @@ def helper_main(folder: str | os.PathLike) -> None:
     from egeunet.model import EGEUNet, fused_kernels
 
     folder = Path(folder)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and Jupyter interrupts reach us too
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(), folder), daemon=True).start()
     torch.set_num_threads(int(os.environ.get("EGEUNET_HELPER_THREADS", "1")))
     spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(spec["config"])
@@ -233,7 +266,7 @@ def helper_main(folder: str | os.PathLike) -> None:
     fused_kernels.enable()
     store = dist.FileStore(str(folder / "store"), 2)
     store.set(READY, "1")
-    group = dist.ProcessGroupGloo(store, 1, 2, STARTUP_TIMEOUT)
+    group = _loopback_group(store, 1)
     batch_size = spec["batch_size"]
     header = torch.zeros(HEADER + 2 * batch_size, dtype=torch.int64)
     flat = flat_parameters(parameters)

@@ -132,12 +132,17 @@ class TrainingState:
 
 
 def resolve_processes(
-    processes: int | None, device: torch.device, threads: int | None, config: TrainConfig
+    processes: int | None,
+    device: torch.device,
+    threads: int | None,
+    config: TrainConfig,
+    pipeline: str = "loader",
 ) -> int:
     """Processes that compute a training step: 2 (a helper process, see
     :mod:`egeunet.engine.parallel`) or 1. ``None`` takes ``EGEUNET_PROCESSES`` when set,
     else chooses 2 on a CPU run whose threads (``threads``, else the usable cores) are 2
-    or more, with batches built in this process; each process then gets half the threads.
+    or more, with batches built in this process by the loader pipeline; each process then
+    gets half the threads (fixed: the adaptive threads apply to one process only).
     """
     if processes is None and os.environ.get("EGEUNET_PROCESSES"):
         try:
@@ -146,14 +151,18 @@ def resolve_processes(
             raise ValueError(
                 f"EGEUNET_PROCESSES: expected 1 or 2, got {os.environ['EGEUNET_PROCESSES']!r}"
             ) from None
+    shareable = device.type == "cpu" and not config.num_workers and pipeline == "loader"
     if processes is not None:
         if processes not in (1, 2):
             raise ValueError(f"processes: expected 1 or 2, got {processes!r}")
-        if processes == 2 and (device.type != "cpu" or config.num_workers):
-            raise ValueError("processes=2 (a helper process) needs device cpu and num_workers 0")
+        if processes == 2 and not shareable:
+            raise ValueError(
+                "processes=2 (a helper process) needs device cpu, num_workers 0 and the "
+                "loader pipeline"
+            )
         return processes
     budget = threads if threads else usable_cores()
-    return 2 if device.type == "cpu" and budget >= 2 and not config.num_workers else 1
+    return 2 if shareable and budget >= 2 else 1
 
 
 class Trainer:
@@ -174,10 +183,6 @@ class Trainer:
         self.device = resolve_device(config.device)
         # CPU threads: a fixed count, or the cores other processes leave free (None).
         self.threads = AdaptiveThreads(fixed=threads, adapt=self.device.type == "cpu")
-        # With a helper process, each process trains with half the threads (evaluation:
-        # this process alone, with all of them).
-        self.processes = resolve_processes(processes, self.device, threads, config)
-        self.process_threads = max(1, (threads or usable_cores()) // self.processes)
         self.helper: GradientHelper | None = None
         self.amp = config.amp and self.device.type == "cuda"
         if config.amp and not self.amp:
@@ -188,21 +193,27 @@ class Trainer:
         self.model = EGEUNet(config.model).to(self.device)
         self.loss_fn = DeepSupervisionLoss()
         fused_kernels.enable()  # compiled LayerNorm for training; plain ops if unavailable
-        # fused: one kernel per parameter for the ~300 small parameters instead of a chain
-        # of tensor ops (on CPU 0.9 against 3.3 ms per update with foreach, the default
-        # on CUDA only, and more without); the same update, float rounding aside.
+        # foreach: one multi-tensor update for the ~300 small parameters instead of a loop
+        # of per-tensor ops (the default on CUDA only); the same update. Not fused=True:
+        # 0.9 against 3.3 ms per update on CPU, but its CPU kernel silently mis-updates a
+        # channels-last parameter whose optimiser state was saved in another layout (as in
+        # checkpoints of the earlier NCHW model).
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
             betas=config.betas,
             weight_decay=config.weight_decay,
-            fused=True,
+            foreach=True,
         )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.t_max, eta_min=config.eta_min
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.pipeline = resolve_pipeline(pipeline, self.device)
+        # With a helper process, each process trains with half the threads (evaluation:
+        # this process alone, with all of them).
+        self.processes = resolve_processes(processes, self.device, threads, config, self.pipeline)
+        self.process_threads = max(1, (threads or usable_cores()) // self.processes)
         if self.pipeline == "device":
             self.train_loader = make_device_loader(
                 config, self.prepared, self.splits.train, self.device, train=True
@@ -380,10 +391,14 @@ class Trainer:
         of a batch of ``total`` images."""
         assert self.helper is not None
         self.helper.start_step(other, total, self.parameters)
-        dataset = self.train_loader.dataset
-        self.optimizer.zero_grad(set_to_none=True)
-        local = share_loss(self.model, self.loss_fn, [dataset[key] for key in own], total)
-        loss = self.helper.sum_gradients(self.parameters, local)
+        try:
+            dataset = self.train_loader.dataset
+            self.optimizer.zero_grad(set_to_none=True)
+            local = share_loss(self.model, self.loss_fn, [dataset[key] for key in own], total)
+            loss = self.helper.sum_gradients(self.parameters, local)
+        except BaseException:
+            self.close()  # the helper waits mid-step; the next epoch starts a new one
+            raise
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {batch}; "
