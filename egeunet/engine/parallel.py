@@ -170,8 +170,7 @@ class GradientHelper:
                 return
             except Exception:  # the store's timeout error (its type varies between versions)
                 self._check_alive()
-                if time.monotonic() > deadline:
-                    self.process.kill()
+                if time.monotonic() > deadline:  # the caller kills the helper
                     raise RuntimeError(
                         f"the training helper process did not start within {STARTUP_TIMEOUT}"
                     ) from None

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -418,26 +418,37 @@ class Trainer:
             )
             self._close_helper = weakref.finalize(self, self.helper.close)
 
-    def _train_epoch_parallel(self, epoch: int) -> tuple[float, int]:
+    def _parallel_steps(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """(loss, images) of each step of an epoch shared with the helper process, each
+        process on its own threads."""
         self.start_helper()
-        self.model.train()
-        total = torch.zeros((), dtype=torch.float64)
-        seen = 0
-        sampler = self.train_loader.batch_sampler
-        batches = self.progress.batches(sampler, epoch, len(self.train_loader))
+        batches = self.progress.batches(
+            self.train_loader.batch_sampler, epoch, len(self.train_loader)
+        )
         threads = torch.get_num_threads()
         torch.set_num_threads(self.process_threads)
         try:
             for batch, keys in enumerate(batches, start=1):
                 own, other = split_batch(keys)
-                loss = self.parallel_step(own, other, len(keys), epoch, batch)
-                if self.on_step_end is not None:
-                    self.on_step_end(self, loss)
-                total += loss.double() * len(keys)
-                seen += len(keys)
+                yield self.parallel_step(own, other, len(keys), epoch, batch), len(keys)
         finally:
             torch.set_num_threads(threads)
-        return float(total) / seen, seen
+
+    def _steps(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """(loss, images) of each step of an epoch in this process alone."""
+        batches = self.progress.batches(
+            single_threaded_batches(self.train_loader), epoch, len(self.train_loader)
+        )
+        for batch, (images, masks) in enumerate(batches, start=1):
+            threads = torch.get_num_threads()
+            if self.threads.check() != threads:
+                self.progress.line(
+                    f"epoch {epoch}, batch {batch}: {torch.get_num_threads()} torch threads "
+                    f"(other processes keep {self.threads.changes[-1][0]} cores busy)"
+                )
+            images = images.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+            yield self.step(images, masks, epoch, batch), len(images)
 
     def _arrangement(self) -> str:
         if self.processes == 1:
@@ -455,28 +466,15 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over the training loader; returns (mean loss, images seen)."""
-        if self.processes > 1:
-            return self._train_epoch_parallel(epoch)
         self.model.train()
         total = torch.zeros((), dtype=torch.float64)
         seen = 0
-        batches = self.progress.batches(
-            single_threaded_batches(self.train_loader), epoch, len(self.train_loader)
-        )
-        for batch, (images, masks) in enumerate(batches, start=1):
-            threads = torch.get_num_threads()
-            if self.threads.check() != threads:
-                self.progress.line(
-                    f"epoch {epoch}, batch {batch}: {torch.get_num_threads()} torch threads "
-                    f"(other processes keep {self.threads.changes[-1][0]} cores busy)"
-                )
-            images = images.to(self.device, non_blocking=True)
-            masks = masks.to(self.device, non_blocking=True)
-            loss = self.step(images, masks, epoch, batch)
+        steps = self._parallel_steps(epoch) if self.processes > 1 else self._steps(epoch)
+        for loss, images in steps:
             if self.on_step_end is not None:
                 self.on_step_end(self, loss)
-            total += loss.double().cpu() * len(images)
-            seen += len(images)
+            total += loss.double().cpu() * images
+            seen += images
         return float(total) / seen, seen
 
     def _last_good(self) -> str:
